@@ -1,0 +1,70 @@
+# otlab — build, test and docs entry points.
+#
+# Every target creates .venv (with $(PYTHON) -m venv) if it is missing and runs
+# `pip install -e .[dev,bench]` only when pyproject.toml has changed since the last
+# install: the install leaves a stamp .venv/.installed-<sha256 of pyproject.toml>.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+HASH   := $(shell $(PYTHON) -c "import hashlib;print(hashlib.sha256(open('pyproject.toml','rb').read()).hexdigest()[:16])")
+STAMP  := $(VENV)/.installed-$(HASH)
+
+export JAX_PLATFORMS := cpu
+export MPLBACKEND := Agg
+export NO_MKDOCS_2_WARNING := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test unit notebooks bench docs lint clean distclean
+
+help:
+	@echo "make demo   - run the otlab demo (python -m otlab demo)"
+	@echo "make test   - unit tests, notebooks, strict docs build"
+	@echo "make bench  - benchmarks against ott-jax and POT (python -m benchmarks.run)"
+	@echo "make docs   - build the documentation site into site/ (mkdocs --strict)"
+	@echo "make lint   - ruff check"
+	@echo "make clean  - remove build outputs and caches (distclean also removes .venv)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): | $(PY)
+	@test -f otlab/__init__.py || { echo "error: otlab/__init__.py not found; nothing to install" >&2; exit 1; }
+	$(PY) -m pip install -e '.[dev,bench]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m otlab demo
+
+test: unit notebooks
+	$(MAKE) docs
+
+unit: $(STAMP)
+	$(PY) -m pytest -n 2 tests
+
+notebooks: $(STAMP)
+	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
+		echo "$(PY) -m pytest --nbmake notebooks"; \
+		$(PY) -m pytest --nbmake notebooks; \
+	else \
+		echo "no notebooks/*.ipynb: skipping notebook tests"; \
+	fi
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict -d site
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf site out build dist *.egg-info .pytest_cache .hypothesis .ruff_cache
+	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name .ipynb_checkpoints \) -type d -print0 | xargs -0 rm -rf
+
+distclean: clean
+	rm -rf $(VENV)

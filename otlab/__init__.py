@@ -1,0 +1,26 @@
+"""otlab: optimal transport and metric learning in JAX.
+
+Pure, jit-compiled functions: arrays -> Geometry -> solver -> OTSolution.
+"""
+
+from otlab import costs
+from otlab.geometry import Geometry, PlanOperator, PointCloud, as_geometry, from_ott
+from otlab.implicit import ImplicitDiff
+from otlab.solution import OTSolution, Status
+from otlab.solvers.sinkhorn import sinkhorn, sinkhorn_divergence
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Geometry",
+    "ImplicitDiff",
+    "OTSolution",
+    "PlanOperator",
+    "PointCloud",
+    "Status",
+    "as_geometry",
+    "costs",
+    "from_ott",
+    "sinkhorn",
+    "sinkhorn_divergence",
+]

@@ -1,0 +1,95 @@
+"""Eager validation shared by the solvers (run before tracing; values only when concrete)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from otlab import geometry as geometry_lib
+
+
+def _concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def weights(w, size: int, name: str, dtype):
+    """Default uniform weights; check shape (always) and values (when concrete)."""
+    if w is None:
+        return jnp.full((size,), 1.0 / size, dtype=dtype)
+    w = jnp.asarray(w, dtype=dtype) if not isinstance(w, jax.core.Tracer) else w.astype(dtype)
+    if w.shape != (size,):
+        raise ValueError(f"`{name}` must have shape ({size},) to match the geometry; got {w.shape}.")
+    if _concrete(w):
+        wn = np.asarray(w)
+        if not np.all(np.isfinite(wn)):
+            raise ValueError(f"`{name}` has non-finite entries.")
+        if np.any(wn < 0):
+            raise ValueError(f"`{name}` has negative entries.")
+        if not wn.sum() > 0:
+            raise ValueError(f"`{name}` must have positive total mass.")
+    return w
+
+
+def positive_scalar(x, name: str, dtype, upper: float | None = None):
+    """A positive (traced) scalar; ``upper`` is an inclusive bound."""
+    x = jnp.asarray(x, dtype=dtype) if not isinstance(x, jax.core.Tracer) else x.astype(dtype)
+    if x.ndim != 0:
+        raise ValueError(f"`{name}` must be a scalar; got shape {x.shape}.")
+    if _concrete(x):
+        v = float(x)
+        if not np.isfinite(v) or v <= 0 or (upper is not None and v > upper):
+            bound = f" and <= {upper}" if upper is not None else ""
+            raise ValueError(f"`{name}` must be finite, > 0{bound}; got {v}.")
+    return x
+
+
+def masses(a, b, tau_a, tau_b):
+    """A balanced problem (both tau == 1) needs equal masses: checked when concrete."""
+    if not all(_concrete(t) for t in (a, b, tau_a, tau_b)):
+        return
+    if float(tau_a) == 1.0 and float(tau_b) == 1.0:
+        sa, sb = float(jnp.sum(a)), float(jnp.sum(b))
+        if abs(sa - sb) > 1e-5 * max(sa, sb):
+            raise ValueError(
+                f"`a` and `b` have unequal masses ({sa:.6g} vs {sb:.6g}) but the problem is "
+                "balanced (tau_a = tau_b = 1): normalise them or relax a marginal with tau < 1."
+            )
+
+
+def geometry(geom):
+    geom = geometry_lib.as_geometry(geom)
+    if not jnp.issubdtype(geom.dtype, jnp.floating):
+        raise ValueError(f"`geom` must hold floating-point data; got {geom.dtype}.")
+    return geom
+
+
+def init(init, geom, a, b, epsilon) -> tuple:
+    """``None`` (zeros), a callable ``init(geom, a, b, epsilon) -> (f0, g0)``, or a pair."""
+    n, m = geom.shape
+    if init is None:
+        return jnp.zeros((n,), geom.dtype), jnp.zeros((m,), geom.dtype)
+    if isinstance(init, Callable):
+        pair = init(geom, a, b, epsilon)
+    else:
+        pair = init
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError("`init` must be None, a callable returning (f0, g0), or a pair (f0, g0).")
+    f0, g0 = (jnp.asarray(p, geom.dtype) for p in pair)
+    if f0.shape != (n,) or g0.shape != (m,):
+        raise ValueError(
+            f"`init` potentials must have shapes ({n},) and ({m},); got {f0.shape} and {g0.shape}."
+        )
+    return f0, g0
+
+
+def choice(value, name: str, options):
+    if value not in options:
+        raise ValueError(f"`{name}` must be one of {options}; got {value!r}.")
+
+
+def positive_int(value, name: str):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int; got {value!r}.")

@@ -1,0 +1,390 @@
+"""The geometry layer: the one place where reductions over ``n x m`` are evaluated.
+
+Conventions (shared with ott-jax): dual potentials ``f`` (length ``n``) and ``g``
+(length ``m``) absorb ``epsilon * log a`` and ``epsilon * log b``, and the entropic
+plan is
+
+.. math:: P_{ij} = \\exp\\big((f_i + g_j - C_{ij}) / \\varepsilon\\big).
+
+Solvers ask a geometry for
+
+* :meth:`lse` — ``log P 1`` (``axis=1``) or ``log P^T 1`` (``axis=0``), a
+  max-shifted log-sum-exp pass;
+* :meth:`plan_operator` — a :class:`PlanOperator` with ``matvec(v) = P v`` and
+  ``rmatvec(u) = P^T u``; a dense geometry materialises ``P`` once so that each
+  product is a bandwidth-bound matrix-vector product, an online geometry
+  recomputes the blocks of ``P`` on every product;
+* :meth:`plan_cost` (``<C, P>``), :meth:`plan` (dense, only when asked),
+  :meth:`mean_cost`.
+
+Two geometries exist: :class:`Geometry` (a cost matrix) and :class:`PointCloud`
+(points and a cost). A point cloud with ``block_size=None`` evaluates its cost
+matrix; with ``block_size=k`` it is *online*: every pass goes over blocks of ``k``
+rows (or columns), recomputes that block of the cost, and never holds more than
+``k x max(n, m)`` entries; reverse-mode passes are rematerialised block by block so
+gradients keep the same memory bound.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import otlab
+    >>> x = jax.random.normal(jax.random.key(0), (5, 2))
+    >>> geom = otlab.PointCloud(x, x + 1.0)
+    >>> geom.lse(jnp.zeros(5), jnp.zeros(5), 1.0, axis=1).shape
+    (5,)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from otlab import costs as costs_lib
+
+__all__ = ["Geometry", "PointCloud", "PlanOperator", "as_geometry", "from_ott"]
+
+Array = jax.Array
+
+
+def _static(**kwargs):
+    return dataclasses.field(metadata=dict(static=True), **kwargs)
+
+
+def _maybe_array(x: Any) -> Any:
+    """NumPy / Python inputs become jax arrays; tracers, tangents and sentinels pass."""
+    if isinstance(x, (list, tuple, float, int)) or (
+        isinstance(x, np.ndarray) and x.dtype != jax.dtypes.float0
+    ):
+        return jnp.asarray(x)
+    return x
+
+
+def _has_shape(*xs) -> bool:
+    return all(hasattr(x, "shape") and hasattr(x, "ndim") for x in xs)
+
+
+# --------------------------------------------------------------------------- kernels
+# Dense building blocks over a (rows, cols) cost block ``c``: ``fr`` is aligned with
+# rows, ``gc`` with columns. Online geometries call them block by block.
+
+
+def _logits(c: Array, fr: Array, gc: Array, eps: Array) -> Array:
+    return (fr[:, None] + gc[None, :] - c) / eps
+
+
+def _lse_last(z: Array) -> Array:
+    """Log-sum-exp along the last axis with a hand-written, gradient-free max shift."""
+    mx = jax.lax.stop_gradient(jnp.max(z, axis=-1))
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    return mx + jnp.log(jnp.sum(jnp.exp(z - mx[..., None]), axis=-1))
+
+
+def _lse_first(z: Array) -> Array:
+    mx = jax.lax.stop_gradient(jnp.max(z, axis=0))
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    return mx + jnp.log(jnp.sum(jnp.exp(z - mx[None, :]), axis=0))
+
+
+def _matvec(p: Array, v: Array) -> Array:
+    return p @ v
+
+
+def _rmatvec(p: Array, u: Array) -> Array:
+    # ``u @ P`` reads P row-major, several times faster on CPU than ``P.T @ u``.
+    return u @ p if u.ndim == 1 else (u.T @ p).T
+
+
+def _map_blocks(fn, block_size: int, args: tuple) -> Any:
+    """Apply ``fn`` to consecutive row blocks of ``args`` (same leading size).
+
+    Pads to a multiple of ``block_size``, runs a rematerialised ``lax.map`` and
+    trims: peak memory is that of one block, forward and backward.
+    """
+    n = args[0].shape[0]
+    nb = -(-n // block_size)
+    pad = nb * block_size - n
+
+    def split(x):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape((nb, block_size) + x.shape[1:])
+
+    out = jax.lax.map(jax.checkpoint(lambda blk: fn(*blk)), tuple(split(x) for x in args))
+    return jax.tree.map(lambda o: o.reshape((nb * block_size,) + o.shape[2:])[:n], out)
+
+
+# ------------------------------------------------------------------------ operators
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PlanOperator:
+    """Matrix-free access to an entropic plan ``P = exp((f + g - C) / eps)``.
+
+    ``matrix`` holds ``P`` when the geometry is dense; otherwise it is ``None`` and
+    every product recomputes ``P`` block by block from ``geom``, ``f``, ``g``.
+    """
+
+    geom: Any
+    f: Array
+    g: Array
+    epsilon: Array
+    matrix: Array | None
+
+    @property
+    def materialized(self) -> bool:
+        return self.matrix is not None
+
+    def matvec(self, v: Array) -> Array:
+        """``P v`` for ``v`` of shape ``(m,)`` or ``(m, k)``."""
+        if self.matrix is not None:
+            return _matvec(self.matrix, v)
+        geom, g, eps = self.geom, self.g, self.epsilon
+        return _map_blocks(
+            lambda xb, fb: _matvec(jnp.exp(_logits(geom._cost_rows(xb), fb, g, eps)), v),
+            geom.block_size,
+            (geom.x, self.f),
+        )
+
+    def rmatvec(self, u: Array) -> Array:
+        """``P^T u`` for ``u`` of shape ``(n,)`` or ``(n, k)``."""
+        if self.matrix is not None:
+            return _rmatvec(self.matrix, u)
+        geom, f, eps = self.geom, self.f, self.epsilon
+        return _map_blocks(
+            lambda yb, gb: _rmatvec(jnp.exp(_logits(geom._cost_cols(yb), f, gb, eps)), u),
+            geom.block_size,
+            (geom.y, self.g),
+        )
+
+
+# ----------------------------------------------------------------------- geometries
+
+
+class _GeometryBase:
+    """Shared reductions; subclasses give ``shape``, ``dtype`` and cost access."""
+
+    @property
+    def is_online(self) -> bool:
+        return False
+
+    def materialize(self):
+        """The geometry a solver loop should iterate on (dense costs evaluated once)."""
+        return self
+
+    def lse(self, f: Array, g: Array, epsilon: Array, axis: int) -> Array:
+        """``log(P 1)`` for ``axis=1`` (length ``n``) or ``log(P^T 1)`` for ``axis=0``."""
+        c = self.cost_matrix
+        if axis == 1:
+            return _lse_last(_logits(c, f, g, epsilon))
+        if axis == 0:
+            return _lse_first(_logits(c, f, g, epsilon))
+        raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
+
+    def plan_operator(self, f: Array, g: Array, epsilon: Array) -> PlanOperator:
+        """A :class:`PlanOperator` for the plan of potentials ``f``, ``g``."""
+        p = jnp.exp(_logits(self.cost_matrix, f, g, epsilon))
+        return PlanOperator(self, f, g, jnp.asarray(epsilon), p)
+
+    def plan(self, f: Array, g: Array, epsilon: Array) -> Array:
+        """The dense ``(n, m)`` plan. Memory ``n * m``: only when asked."""
+        return jnp.exp(_logits(self.cost_matrix, f, g, epsilon))
+
+    def plan_cost(self, f: Array, g: Array, epsilon: Array) -> Array:
+        """``<C, P>``, the transport cost of the plan."""
+        c = self.cost_matrix
+        return jnp.sum(c * jnp.exp(_logits(c, f, g, epsilon)))
+
+    def mean_cost(self) -> Array:
+        """Mean entry of the cost matrix (the default scale of ``epsilon``)."""
+        return jnp.mean(self.cost_matrix)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Geometry(_GeometryBase):
+    """A geometry given by its cost matrix.
+
+    Args:
+        cost_matrix: ``(n, m)`` array of costs ``C_ij``.
+
+    Example:
+        >>> import jax.numpy as jnp, otlab
+        >>> geom = otlab.Geometry(jnp.array([[0.0, 1.0], [1.0, 0.0]]))
+        >>> geom.shape
+        (2, 2)
+    """
+
+    cost_matrix: Array
+
+    def __post_init__(self):
+        c = _maybe_array(self.cost_matrix)
+        object.__setattr__(self, "cost_matrix", c)
+        if _has_shape(c) and c.ndim != 2:
+            raise ValueError(f"`cost_matrix` must be 2-D, got shape {c.shape}.")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.cost_matrix.shape)
+
+    @property
+    def dtype(self):
+        return self.cost_matrix.dtype
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PointCloud(_GeometryBase):
+    """Two clouds of points and a ground cost, dense or online.
+
+    Args:
+        x: ``(n, d)`` source points.
+        y: ``(m, d)`` target points (defaults to ``x``).
+        cost: an otlab cost, an ott-jax ``CostFn`` or a callable ``c(x, y)``;
+            default squared Euclidean.
+        block_size: static. ``None``: the cost matrix is evaluated (dense). An
+            integer ``k``: online mode, every pass goes over blocks of ``k`` rows
+            or columns and memory stays ``O(k * max(n, m))``.
+
+    Example:
+        >>> import jax, otlab
+        >>> x = jax.random.normal(jax.random.key(0), (100, 2))
+        >>> online = otlab.PointCloud(x, x + 1.0, block_size=32)
+        >>> online.is_online
+        True
+    """
+
+    x: Array
+    y: Array | None = None
+    cost: costs_lib.Cost | None = None
+    block_size: int | None = _static(default=None)
+
+    def __post_init__(self):
+        x = _maybe_array(self.x)
+        y = x if self.y is None else _maybe_array(self.y)
+        object.__setattr__(self, "x", x)
+        object.__setattr__(self, "y", y)
+        object.__setattr__(self, "cost", costs_lib.as_cost(self.cost))
+        if self.block_size is not None and (
+            not isinstance(self.block_size, int) or self.block_size < 1
+        ):
+            raise ValueError(f"`block_size` must be a positive int or None, got {self.block_size!r}.")
+        if _has_shape(x, y):
+            if x.ndim != 2 or y.ndim != 2:
+                raise ValueError(
+                    f"`x` and `y` must be 2-D (points, dim); got shapes {x.shape} and {y.shape}."
+                )
+            if x.shape[1] != y.shape[1]:
+                raise ValueError(
+                    f"`x` and `y` must have the same dimension; got {x.shape[1]} and {y.shape[1]}."
+                )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.x.shape[0], self.y.shape[0])
+
+    @property
+    def dtype(self):
+        return jnp.result_type(self.x, self.y)
+
+    @property
+    def is_online(self) -> bool:
+        return self.block_size is not None
+
+    @property
+    def cost_matrix(self) -> Array:
+        """The ``(n, m)`` cost matrix, evaluated (also in online mode, when asked)."""
+        return self.cost.all_pairs(self.x, self.y)
+
+    def _cost_rows(self, xb: Array) -> Array:
+        return self.cost.all_pairs(xb, self.y)
+
+    def _cost_cols(self, yb: Array) -> Array:
+        """Cost block for columns ``yb``, shape ``(len(yb), n)``: rows index ``y``."""
+        return self.cost.all_pairs(self.x, yb).T
+
+    def materialize(self) -> _GeometryBase:
+        if self.is_online:
+            return self
+        return Geometry(self.cost_matrix)
+
+    def lse(self, f, g, epsilon, axis):
+        if not self.is_online:
+            return super().lse(f, g, epsilon, axis)
+        if axis == 1:
+            return _map_blocks(
+                lambda xb, fb: _lse_last(_logits(self._cost_rows(xb), fb, g, epsilon)),
+                self.block_size,
+                (self.x, f),
+            )
+        if axis == 0:
+            return _map_blocks(
+                lambda yb, gb: _lse_last(_logits(self._cost_cols(yb), gb, f, epsilon)),
+                self.block_size,
+                (self.y, g),
+            )
+        raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
+
+    def plan_operator(self, f, g, epsilon):
+        if not self.is_online:
+            return super().plan_operator(f, g, epsilon)
+        return PlanOperator(self, f, g, jnp.asarray(epsilon), None)
+
+    def plan_cost(self, f, g, epsilon):
+        if not self.is_online:
+            return super().plan_cost(f, g, epsilon)
+
+        def block(xb, fb):
+            c = self._cost_rows(xb)
+            return jnp.sum(c * jnp.exp(_logits(c, fb, g, epsilon)), axis=1)
+
+        return jnp.sum(_map_blocks(block, self.block_size, (self.x, f)))
+
+    def mean_cost(self):
+        if not self.is_online:
+            return super().mean_cost()
+        rows = _map_blocks(lambda xb: jnp.sum(self._cost_rows(xb), 1), self.block_size, (self.x,))
+        return jnp.sum(rows) / (self.shape[0] * self.shape[1])
+
+    def transport(self, g: Array, epsilon: Array, x_new: Array) -> Array:
+        """Entropic (barycentric) map of new points, ``T(x) = sum_j w_j(x) y_j``.
+
+        ``w_j(x)`` is the softmax over ``j`` of ``(g_j - c(x, y_j)) / epsilon``: the
+        conditional of the plan extended to ``x`` by the c-transform of ``g``.
+        """
+        new = PointCloud(jnp.atleast_2d(x_new), self.y, self.cost, self.block_size)
+        f_new = -epsilon * new.lse(jnp.zeros(new.shape[0], new.dtype), g, epsilon, axis=1)
+        return new.plan_operator(f_new, g, epsilon).matvec(self.y)
+
+
+def from_ott(geom) -> Geometry | PointCloud:
+    """Convert an ott-jax geometry: a ``PointCloud`` keeps its points and cost,
+    anything else becomes a dense :class:`Geometry` of its cost matrix.
+
+    ott-jax's ``epsilon`` is not part of an otlab geometry: pass
+    ``epsilon=ott_geom.epsilon`` to the solver.
+    """
+    from ott.geometry import pointcloud as ott_pc
+
+    if isinstance(geom, ott_pc.PointCloud):
+        return PointCloud(
+            geom.x, geom.y, cost=costs_lib.as_cost(geom.cost_fn), block_size=geom.batch_size
+        )
+    return Geometry(geom.cost_matrix)
+
+
+def as_geometry(geom) -> Geometry | PointCloud:
+    """Accept an otlab geometry, an ott-jax geometry, or a 2-D cost matrix."""
+    if isinstance(geom, (Geometry, PointCloud)):
+        return geom
+    mod = type(geom).__module__ or ""
+    if mod.startswith("ott."):
+        return from_ott(geom)
+    if isinstance(geom, (np.ndarray, jax.Array)):
+        return Geometry(geom)
+    raise ValueError(
+        "`geom` must be an otlab Geometry/PointCloud, an ott-jax geometry or a cost matrix; "
+        f"got {type(geom).__name__}."
+    )

@@ -1,0 +1,146 @@
+"""``OTSolution``: what every entropic solver returns, and the ``Status`` codes.
+
+A solution is a pytree (``vmap`` over solutions works) holding the dual potentials,
+the problem it solves and the run's diagnostics. The plan is lazy: ``apply``,
+``transport``, ``cost`` and ``reg_cost`` go through the geometry layer and never
+build the ``n x m`` matrix; only :meth:`OTSolution.plan` does.
+
+Example:
+    >>> import jax, otlab
+    >>> x = jax.random.normal(jax.random.key(0), (50, 2))
+    >>> sol = otlab.sinkhorn(otlab.PointCloud(x, x + 1.0), epsilon=0.1)
+    >>> bool(sol.converged), sol.plan().shape
+    (True, (50, 50))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from otlab import _dual
+
+__all__ = ["OTSolution", "Status"]
+
+Array = jax.Array
+
+
+class Status:
+    """Integer status codes carried by ``OTSolution.status`` (valid under ``jit``).
+
+    Attributes:
+        SUCCESS: the optimality residual reached ``tol``.
+        MAX_ITER: the iteration budget ran out first.
+        NONFINITE: a NaN or infinity appeared (inputs or divergence).
+        INFEASIBLE: the problem has no solution as posed (e.g. a balanced problem
+            with unequal masses, or negative weights) — detected under ``jit``;
+            outside ``jit`` these raise ``ValueError`` instead.
+    """
+
+    SUCCESS = 0
+    MAX_ITER = 1
+    NONFINITE = 2
+    INFEASIBLE = 3
+
+    NAMES = ("SUCCESS", "MAX_ITER", "NONFINITE", "INFEASIBLE")
+
+    @classmethod
+    def name(cls, code: int) -> str:
+        """The name of an integer status code."""
+        return cls.NAMES[int(code)]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OTSolution:
+    """Solution of an entropic OT problem.
+
+    Attributes:
+        f: ``(n,)`` dual potential (absorbs ``epsilon * log a``). Balanced
+            potentials are in the gauge ``<a, f> = <b, g>``.
+        g: ``(m,)`` dual potential.
+        geom: the geometry of the problem.
+        a: ``(n,)`` source weights.
+        b: ``(m,)`` target weights.
+        epsilon: the entropic regularisation.
+        tau_a: ``rho_a / (rho_a + epsilon)``; 1 is a hard marginal constraint.
+        tau_b: same for ``b``.
+        status: a :class:`Status` code.
+        n_iter: iterations run.
+        marginal_error: L1 norm of the optimality residual (both marginals);
+            for a balanced problem, ``|P 1 - a|_1 + |P^T 1 - b|_1``.
+        errors: ``marginal_error`` every ``check_every`` iterations; ``-1`` where
+            not computed.
+    """
+
+    f: Array
+    g: Array
+    geom: Any
+    a: Array
+    b: Array
+    epsilon: Array
+    tau_a: Array
+    tau_b: Array
+    status: Array
+    n_iter: Array
+    marginal_error: Array
+    errors: Array
+
+    @property
+    def converged(self) -> Array:
+        """``status == SUCCESS`` (never true with non-finite potentials)."""
+        return self.status == Status.SUCCESS
+
+    def plan(self) -> Array:
+        """The dense ``(n, m)`` plan ``P``. Memory ``n * m``: prefer :meth:`apply`."""
+        return self.geom.plan(self.f, self.g, self.epsilon)
+
+    def apply(self, v: Array, axis: int = 1) -> Array:
+        """Multiply by the plan without building it.
+
+        Args:
+            v: ``(m,)`` / ``(m, k)`` for ``axis=1`` or ``(n,)`` / ``(n, k)`` for ``axis=0``.
+            axis: the axis of ``P`` summed over: ``1`` gives ``P v``, ``0`` gives ``P^T v``.
+        """
+        op = self.geom.plan_operator(self.f, self.g, self.epsilon)
+        if axis == 1:
+            return op.matvec(v)
+        if axis == 0:
+            return op.rmatvec(v)
+        raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
+
+    def marginals(self) -> tuple[Array, Array]:
+        """``(P 1, P^T 1)`` from one log-sum-exp pass each."""
+        return (
+            jnp.exp(self.geom.lse(self.f, self.g, self.epsilon, axis=1)),
+            jnp.exp(self.geom.lse(self.f, self.g, self.epsilon, axis=0)),
+        )
+
+    def transport(self, x: Array) -> Array:
+        """Entropic map of points ``x`` (shape ``(k, d)``) into the target cloud.
+
+        Needs a :class:`~otlab.PointCloud` geometry. For the source points themselves
+        this is the barycentric projection ``P y / (P 1)``.
+        """
+        if not hasattr(self.geom, "transport"):
+            raise ValueError("`transport` needs a PointCloud geometry (points and a cost).")
+        return self.geom.transport(self.g, self.epsilon, x)
+
+    @property
+    def cost(self) -> Array:
+        """Transport cost of the plan, ``<C, P>``."""
+        return self.geom.plan_cost(self.f, self.g, self.epsilon)
+
+    @property
+    def reg_cost(self) -> Array:
+        """The entropic objective ``<C,P> + eps KL(P|ab^T) + rho_a KL(P1|a) + rho_b KL(P^T1|b)``.
+
+        Evaluated by duality at ``(f, g)``, exactly as ott-jax's ``reg_ot_cost``.
+        """
+        mass = jnp.sum(jnp.exp(self.geom.lse(self.f, self.g, self.epsilon, axis=1)))
+        return _dual.dual_objective(
+            self.f, self.g, self.a, self.b, self.epsilon, self.tau_a, self.tau_b, mass
+        )

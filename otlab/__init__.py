@@ -8,6 +8,7 @@ from otlab.geometry import Geometry, PlanOperator, PointCloud, as_geometry, from
 from otlab.implicit import ImplicitDiff
 from otlab.solution import OTSolution, Status
 from otlab.solvers.sinkhorn import sinkhorn, sinkhorn_divergence
+from otlab.solvers.sns import sns
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "from_ott",
     "sinkhorn",
     "sinkhorn_divergence",
+    "sns",
 ]

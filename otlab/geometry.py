@@ -97,6 +97,19 @@ def _rmatvec(p: Array, u: Array) -> Array:
     return u @ p if u.ndim == 1 else (u.T @ p).T
 
 
+def _binned_max(z: Array, bins: int) -> tuple[Array, Array]:
+    """Max and argmax of each row of ``z`` over strided column bins ``j mod bins``."""
+    n, m = z.shape
+    bins = min(bins, m)
+    per = -(-m // bins)
+    zp = jnp.pad(z, ((0, 0), (0, per * bins - m)), constant_values=-jnp.inf)
+    zp = zp.reshape(n, per, bins)
+    t = jnp.argmax(zp, axis=1)
+    vals = jnp.take_along_axis(zp, t[:, None, :], axis=1)[:, 0, :]
+    idx = jnp.minimum(t * bins + jnp.arange(bins), m - 1)
+    return vals, idx
+
+
 def _map_blocks(fn, block_size: int, args: tuple) -> Any:
     """Apply ``fn`` to consecutive row blocks of ``args`` (same leading size).
 
@@ -154,7 +167,7 @@ class PlanOperator:
             return _rmatvec(self.matrix, u)
         geom, f, eps = self.geom, self.f, self.epsilon
         return _map_blocks(
-            lambda yb, gb: _rmatvec(jnp.exp(_logits(geom._cost_cols(yb), f, gb, eps)), u),
+            lambda yb, gb: _matvec(jnp.exp(_logits(geom._cost_cols(yb), gb, f, eps)), u),
             geom.block_size,
             (geom.y, self.g),
         )
@@ -200,6 +213,23 @@ class _GeometryBase:
     def mean_cost(self) -> Array:
         """Mean entry of the cost matrix (the default scale of ``epsilon``)."""
         return jnp.mean(self.cost_matrix)
+
+    def marginals(self, f: Array, g: Array, epsilon: Array) -> tuple[Array, Array]:
+        """``(P 1, P^T 1)`` from one pass of exponentials (no max shift: meant for
+        potentials near a solution, where ``P <= 1``; overflow shows as ``inf``)."""
+        p = jnp.exp(_logits(self.cost_matrix, f, g, epsilon))
+        return jnp.sum(p, axis=1), jnp.sum(p, axis=0)
+
+    def row_sparsify(self, f: Array, g: Array, epsilon: Array, bins: int):
+        """A static-shape sparse sketch of ``P``: the largest entry of each row in
+        each of ``bins`` strided column bins (``j mod bins``).
+
+        Returns ``(log_values, indices)``, both ``(n, bins)``. One pass of
+        comparisons, no sort: an approximate per-row top-``bins`` that keeps the
+        largest entry of the row exactly and spreads neighbouring columns over
+        different bins. ``bins >= m`` keeps every entry.
+        """
+        return _binned_max(_logits(self.cost_matrix, f, g, epsilon), bins)
 
 
 @jax.tree_util.register_dataclass
@@ -347,6 +377,21 @@ class PointCloud(_GeometryBase):
             return super().mean_cost()
         rows = _map_blocks(lambda xb: jnp.sum(self._cost_rows(xb), 1), self.block_size, (self.x,))
         return jnp.sum(rows) / (self.shape[0] * self.shape[1])
+
+    def marginals(self, f, g, epsilon):
+        if not self.is_online:
+            return super().marginals(f, g, epsilon)
+        op = self.plan_operator(f, g, epsilon)
+        return op.matvec(jnp.ones(self.shape[1], f.dtype)), op.rmatvec(jnp.ones_like(f))
+
+    def row_sparsify(self, f, g, epsilon, bins):
+        if not self.is_online:
+            return super().row_sparsify(f, g, epsilon, bins)
+        return _map_blocks(
+            lambda xb, fb: _binned_max(_logits(self._cost_rows(xb), fb, g, epsilon), bins),
+            self.block_size,
+            (self.x, f),
+        )
 
     def transport(self, g: Array, epsilon: Array, x_new: Array) -> Array:
         """Entropic (barycentric) map of new points, ``T(x) = sum_j w_j(x) y_j``.

@@ -1,5 +1,5 @@
-"""Entropic OT solvers: each module is one algorithm returning an ``OTSolution``."""
+"""Entropic OT solvers: each module is one algorithm returning an ``OTSolution``.
 
-from otlab.solvers.sinkhorn import sinkhorn, sinkhorn_divergence
-
-__all__ = ["sinkhorn", "sinkhorn_divergence"]
+The solver functions are re-exported at the top level (``otlab.sinkhorn``,
+``otlab.sns``); this package keeps the modules themselves importable by name.
+"""

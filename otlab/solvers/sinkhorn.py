@@ -268,6 +268,19 @@ def _forward(
 # ----------------------------------------------------------------------- public API
 
 
+def _runtime_status(status, f, g, a, b, tau_a, tau_b):
+    """Final status: run-time infeasibility (values the eager checks could not see
+    under ``jit``) and non-finite potentials override the loop's status."""
+    negative = jnp.any(a < 0) | jnp.any(b < 0)
+    unequal = (jnp.abs(jnp.sum(a) - jnp.sum(b)) > 1e-5 * jnp.maximum(jnp.sum(a), jnp.sum(b))) & (
+        _dual.is_balanced(tau_a, tau_b) > 0
+    )
+    status = jnp.where(negative | unequal, Status.INFEASIBLE, status)
+    finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
+    return jnp.where(finite, status, Status.NONFINITE).astype(jnp.int32)
+
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -322,14 +335,7 @@ def _sinkhorn(
     f, g, (status, n_iter, err, errors) = implicit.solve(
         forward, problem, (*init_pair, epsilon_init), implicit_diff
     )
-    # Run-time feasibility (the eager checks cannot see traced values).
-    negative = jnp.any(a < 0) | jnp.any(b < 0)
-    unequal = (jnp.abs(jnp.sum(a) - jnp.sum(b)) > 1e-5 * jnp.maximum(jnp.sum(a), jnp.sum(b))) & (
-        _dual.is_balanced(tau_a, tau_b) > 0
-    )
-    status = jnp.where(negative | unequal, Status.INFEASIBLE, status)
-    finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
-    status = jnp.where(finite, status, Status.NONFINITE).astype(jnp.int32)
+    status = _runtime_status(status, f, g, a, b, tau_a, tau_b)
     return OTSolution(f, g, geom, a, b, epsilon, tau_a, tau_b, status, n_iter, err, errors)
 
 

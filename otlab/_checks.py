@@ -10,6 +10,10 @@ import numpy as np
 
 from otlab import geometry as geometry_lib
 
+#: What ``init=`` accepts: ``None``, ``"auto"``, a pair ``(f0, g0)`` or a callable
+#: ``init(geom, a, b, epsilon) -> (f0, g0)``.
+Init = Callable[..., tuple[jax.Array, jax.Array]] | tuple[jax.Array, jax.Array] | str | None
+
 
 def _concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
@@ -61,6 +65,14 @@ def masses(a, b, tau_a, tau_b):
 
 def geometry(geom):
     geom = geometry_lib.as_geometry(geom)
+    arrays = (
+        {"cost_matrix": geom.cost_matrix}
+        if isinstance(geom, geometry_lib.Geometry)
+        else {"x": geom.x, "y": geom.y}
+    )
+    for name, arr in arrays.items():
+        if arr.ndim != 2:
+            raise ValueError(f"`geom.{name}` must be 2-D; got shape {arr.shape}.")
     if not jnp.issubdtype(geom.dtype, jnp.floating):
         raise ValueError(f"`geom` must hold floating-point data; got {geom.dtype}.")
     return geom

@@ -2,17 +2,12 @@
 
 Problem (ott-jax conventions; ``rho = eps * tau / (1 - tau)``, ``tau = 1`` balanced):
 
-.. math::
-    \\min_P \\langle C, P\\rangle + \\varepsilon\\,\\mathrm{KL}(P \\| a b^T)
-      + \\rho_a \\mathrm{KL}(P 1 \\| a) + \\rho_b \\mathrm{KL}(P^T 1 \\| b).
+$$ \\min_P \\langle C, P\\rangle + \\varepsilon\\,\\mathrm{KL}(P \\| a b^T) + \\rho_a \\mathrm{KL}(P 1 \\| a) + \\rho_b \\mathrm{KL}(P^T 1 \\| b). $$
 
 Its dual, in potentials ``f, g`` that absorb ``eps log a`` and ``eps log b``
 (``P = exp((f + g - C) / eps)``, ``h_a = f - eps log a``, ``kappa = 1 / rho``):
 
-.. math::
-    D(f, g) = \\sum_i a_i \\frac{1 - e^{-\\kappa_a h_{a,i}}}{\\kappa_a}
-      + \\sum_j b_j \\frac{1 - e^{-\\kappa_b h_{b,j}}}{\\kappa_b}
-      + \\varepsilon\\,(\\textstyle\\sum a \\sum b - \\sum_{ij} P_{ij}),
+$$ D(f, g) = \\sum_i a_i \\frac{1 - e^{-\\kappa_a h_{a,i}}}{\\kappa_a} + \\sum_j b_j \\frac{1 - e^{-\\kappa_b h_{b,j}}}{\\kappa_b} + \\varepsilon\\,(\\textstyle\\sum a \\sum b - \\sum_{ij} P_{ij}), $$
 
 with ``(1 - e^{-k h}) / k -> h`` as ``kappa -> 0``. Its gradient,
 ``(a e^{-kappa_a h_a} - P 1, b e^{-kappa_b h_b} - P^T 1)``, is the optimality

@@ -1,12 +1,12 @@
 """Ground costs ``c(x, y)`` between points.
 
 A cost is a frozen dataclass registered as a pytree: its parameters (for instance
-the matrix of :class:`Mahalanobis`) are leaves that ``jax.grad`` differentiates,
+the matrix of `Mahalanobis`) are leaves that ``jax.grad`` differentiates,
 its options are static. Every cost evaluates one pair with ``cost(x, y)`` and a
 whole block with ``cost.all_pairs(x, y)``; the squared-Euclidean family uses a
 GEMM, ``|x|^2 + |y|^2 - 2 x y^T``, which is the fast way on every backend.
 
-:func:`as_cost` turns an ott-jax ``CostFn`` or a plain callable ``c(x, y) ->
+`as_cost` turns an ott-jax ``CostFn`` or a plain callable ``c(x, y) ->
 scalar`` into an otlab cost, so every geometry accepts all three.
 
 Example:
@@ -32,6 +32,7 @@ __all__ = [
     "Cosine",
     "Mahalanobis",
     "FunctionCost",
+    "Scaled",
     "OTTCost",
     "as_cost",
 ]
@@ -149,6 +150,26 @@ class Mahalanobis(Cost):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class Scaled(Cost):
+    """``factor * cost(x, y)``: a rescaled cost (``factor`` is a traced leaf).
+
+    Args:
+        cost: the otlab cost to rescale.
+        factor: a positive scalar.
+    """
+
+    cost: Cost
+    factor: jax.Array
+
+    def __call__(self, x, y):
+        return self.factor * self.cost(x, y)
+
+    def all_pairs(self, x, y):
+        return self.factor * self.cost.all_pairs(x, y)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class FunctionCost(Cost):
     """A plain callable ``fn(x, y) -> scalar`` used as a cost (static, hashed by identity)."""
 
@@ -172,12 +193,16 @@ class OTTCost(Cost):
         return self.cost_fn.all_pairs(x, y)
 
 
-def as_cost(cost) -> Cost:
-    """Return an otlab :class:`Cost` for ``cost``.
+#: What a geometry accepts as ``cost``.
+CostLike = Cost | Callable[[jax.Array, jax.Array], jax.Array] | None
+
+
+def as_cost(cost: CostLike) -> Cost:
+    """Return an otlab `Cost` for ``cost``.
 
     Args:
         cost: ``None`` (squared Euclidean), an otlab cost, an ott-jax ``CostFn``
-            (ott's squared Euclidean maps to :class:`SqEuclidean`), or a callable
+            (ott's squared Euclidean maps to `SqEuclidean`), or a callable
             ``c(x, y) -> scalar`` on single points.
 
     Raises:

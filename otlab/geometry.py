@@ -4,20 +4,20 @@ Conventions (shared with ott-jax): dual potentials ``f`` (length ``n``) and ``g`
 (length ``m``) absorb ``epsilon * log a`` and ``epsilon * log b``, and the entropic
 plan is
 
-.. math:: P_{ij} = \\exp\\big((f_i + g_j - C_{ij}) / \\varepsilon\\big).
+$$ P_{ij} = \\exp\\big((f_i + g_j - C_{ij}) / \\varepsilon\\big). $$
 
 Solvers ask a geometry for
 
-* :meth:`lse` — ``log P 1`` (``axis=1``) or ``log P^T 1`` (``axis=0``), a
+* `lse` — ``log P 1`` (``axis=1``) or ``log P^T 1`` (``axis=0``), a
   max-shifted log-sum-exp pass;
-* :meth:`plan_operator` — a :class:`PlanOperator` with ``matvec(v) = P v`` and
+* `plan_operator` — a `PlanOperator` with ``matvec(v) = P v`` and
   ``rmatvec(u) = P^T u``; a dense geometry materialises ``P`` once so that each
   product is a bandwidth-bound matrix-vector product, an online geometry
   recomputes the blocks of ``P`` on every product;
-* :meth:`plan_cost` (``<C, P>``), :meth:`plan` (dense, only when asked),
-  :meth:`mean_cost`.
+* `plan_cost` (``<C, P>``), `plan` (dense, only when asked),
+  `mean_cost`.
 
-Two geometries exist: :class:`Geometry` (a cost matrix) and :class:`PointCloud`
+Two geometries exist: `Geometry` (a cost matrix) and `PointCloud`
 (points and a cost). A point cloud with ``block_size=None`` evaluates its cost
 matrix; with ``block_size=k`` it is *online*: every pass goes over blocks of ``k``
 rows (or columns), recomputes that block of the cost, and never holds more than
@@ -197,7 +197,7 @@ class _GeometryBase:
         raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
 
     def plan_operator(self, f: Array, g: Array, epsilon: Array) -> PlanOperator:
-        """A :class:`PlanOperator` for the plan of potentials ``f``, ``g``."""
+        """A `PlanOperator` for the plan of potentials ``f``, ``g``."""
         p = jnp.exp(_logits(self.cost_matrix, f, g, epsilon))
         return PlanOperator(self, f, g, jnp.asarray(epsilon), p)
 
@@ -252,7 +252,9 @@ class Geometry(_GeometryBase):
     def __post_init__(self):
         c = _maybe_array(self.cost_matrix)
         object.__setattr__(self, "cost_matrix", c)
-        if _has_shape(c) and c.ndim != 2:
+        # ``>= 2``, not ``== 2``: unflattening under ``vmap`` rebuilds the geometry
+        # with batched leaves. Solvers check exact shapes on entry.
+        if _has_shape(c) and c.ndim < 2:
             raise ValueError(f"`cost_matrix` must be 2-D, got shape {c.shape}.")
 
     @property
@@ -288,7 +290,7 @@ class PointCloud(_GeometryBase):
 
     x: Array
     y: Array | None = None
-    cost: costs_lib.Cost | None = None
+    cost: costs_lib.CostLike = None
     block_size: int | None = _static(default=None)
 
     def __post_init__(self):
@@ -301,14 +303,14 @@ class PointCloud(_GeometryBase):
             not isinstance(self.block_size, int) or self.block_size < 1
         ):
             raise ValueError(f"`block_size` must be a positive int or None, got {self.block_size!r}.")
-        if _has_shape(x, y):
-            if x.ndim != 2 or y.ndim != 2:
+        if _has_shape(x, y):  # ``ndim >= 2``: see ``Geometry.__post_init__``
+            if x.ndim < 2 or y.ndim < 2:
                 raise ValueError(
                     f"`x` and `y` must be 2-D (points, dim); got shapes {x.shape} and {y.shape}."
                 )
-            if x.shape[1] != y.shape[1]:
+            if x.shape[-1] != y.shape[-1]:
                 raise ValueError(
-                    f"`x` and `y` must have the same dimension; got {x.shape[1]} and {y.shape[1]}."
+                    f"`x` and `y` must have the same dimension; got {x.shape[-1]} and {y.shape[-1]}."
                 )
 
     @property
@@ -404,9 +406,14 @@ class PointCloud(_GeometryBase):
         return new.plan_operator(f_new, g, epsilon).matvec(self.y)
 
 
-def from_ott(geom) -> Geometry | PointCloud:
+#: What solvers accept as ``geom``: an otlab geometry, an ott-jax geometry or a
+#: cost matrix.
+GeometryLike = Geometry | PointCloud | jax.Array | np.ndarray | Any
+
+
+def from_ott(geom: Any) -> Geometry | PointCloud:
     """Convert an ott-jax geometry: a ``PointCloud`` keeps its points and cost,
-    anything else becomes a dense :class:`Geometry` of its cost matrix.
+    anything else becomes a dense `Geometry` of its cost matrix.
 
     ott-jax's ``epsilon`` is not part of an otlab geometry: pass
     ``epsilon=ott_geom.epsilon`` to the solver.
@@ -414,13 +421,14 @@ def from_ott(geom) -> Geometry | PointCloud:
     from ott.geometry import pointcloud as ott_pc
 
     if isinstance(geom, ott_pc.PointCloud):
-        return PointCloud(
-            geom.x, geom.y, cost=costs_lib.as_cost(geom.cost_fn), block_size=geom.batch_size
-        )
+        cost = costs_lib.as_cost(geom.cost_fn)
+        if not (isinstance(geom._scale_cost, (int, float)) and geom._scale_cost == 1.0):
+            cost = costs_lib.Scaled(cost, jnp.asarray(geom.inv_scale_cost))  # ott's scale_cost
+        return PointCloud(geom.x, geom.y, cost=cost, block_size=geom.batch_size)
     return Geometry(geom.cost_matrix)
 
 
-def as_geometry(geom) -> Geometry | PointCloud:
+def as_geometry(geom: GeometryLike) -> Geometry | PointCloud:
     """Accept an otlab geometry, an ott-jax geometry, or a 2-D cost matrix."""
     if isinstance(geom, (Geometry, PointCloud)):
         return geom

@@ -1,15 +1,12 @@
 """The one implicit-differentiation mechanism shared by every entropic solver.
 
-A solver hands :func:`solve` a *forward* function ``forward(problem, init) ->
+A solver hands `solve` a *forward* function ``forward(problem, init) ->
 (f, g, aux)`` that runs its iterations (a ``while_loop``, not differentiable) and
-returns the potentials. :func:`solve` puts the result in the canonical gauge and,
+returns the potentials. `solve` puts the result in the canonical gauge and,
 through a ``jax.custom_jvp``, differentiates it with the implicit function theorem
 applied to the optimality condition of entropic OT (``otlab._dual.Problem``):
 
-.. math::
-    F(z^\\star(\\theta), \\theta) = 0 \\;\\Rightarrow\\;
-    A\\, \\dot z = \\partial_\\theta F \\cdot \\dot\\theta,
-    \\qquad A = -\\partial_z F,
+$$ F(z^\\star(\\theta), \\theta) = 0 \\;\\Rightarrow\\; A\\, \\dot z = \\partial_\\theta F \\cdot \\dot\\theta, \\qquad A = -\\partial_z F, $$
 
 where ``A`` is the (gauge-completed) Hessian of the dual: symmetric positive
 definite, applied matrix-free through the geometry's plan operator and inverted
@@ -63,6 +60,10 @@ class ImplicitDiff:
     precondition: bool = True
 
 
+#: The default options, shared by every solver's signature.
+DEFAULT = ImplicitDiff()
+
+
 def _tangent_zero(x):
     if jnp.issubdtype(x.dtype, jnp.inexact):
         return jnp.zeros_like(x)
@@ -108,14 +109,14 @@ def solve(
     forward: Callable,
     problem: _dual.Problem,
     init: tuple[Array, Array],
-    implicit_diff: ImplicitDiff | None = ImplicitDiff(),
+    implicit_diff: ImplicitDiff | None = DEFAULT,
 ):
     """Run ``forward`` and return ``(f, g, aux)`` in the canonical gauge.
 
     Args:
         forward: ``forward(problem, init) -> (f, g, aux)``; hashable (a function or
             a ``functools.partial`` of static options).
-        problem: the :class:`otlab._dual.Problem` solved.
+        problem: the `otlab._dual.Problem` solved.
         init: initial potentials ``(f0, g0)``; they receive no gradient.
         implicit_diff: options of the implicit backward pass, or ``None`` to
             differentiate through ``forward`` itself (it must then be unrollable,

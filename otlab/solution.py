@@ -3,7 +3,7 @@
 A solution is a pytree (``vmap`` over solutions works) holding the dual potentials,
 the problem it solves and the run's diagnostics. The plan is lazy: ``apply``,
 ``transport``, ``cost`` and ``reg_cost`` go through the geometry layer and never
-build the ``n x m`` matrix; only :meth:`OTSolution.plan` does.
+build the ``n x m`` matrix; only `OTSolution.plan` does.
 
 Example:
     >>> import jax, otlab
@@ -68,7 +68,7 @@ class OTSolution:
         epsilon: the entropic regularisation.
         tau_a: ``rho_a / (rho_a + epsilon)``; 1 is a hard marginal constraint.
         tau_b: same for ``b``.
-        status: a :class:`Status` code.
+        status: a `Status` code.
         n_iter: iterations run.
         marginal_error: L1 norm of the optimality residual (both marginals);
             for a balanced problem, ``|P 1 - a|_1 + |P^T 1 - b|_1``.
@@ -95,7 +95,7 @@ class OTSolution:
         return self.status == Status.SUCCESS
 
     def plan(self) -> Array:
-        """The dense ``(n, m)`` plan ``P``. Memory ``n * m``: prefer :meth:`apply`."""
+        """The dense ``(n, m)`` plan ``P``. Memory ``n * m``: prefer `apply`."""
         return self.geom.plan(self.f, self.g, self.epsilon)
 
     def apply(self, v: Array, axis: int = 1) -> Array:
@@ -122,7 +122,7 @@ class OTSolution:
     def transport(self, x: Array) -> Array:
         """Entropic map of points ``x`` (shape ``(k, d)``) into the target cloud.
 
-        Needs a :class:`~otlab.PointCloud` geometry. For the source points themselves
+        Needs a `PointCloud` geometry. For the source points themselves
         this is the barycentric projection ``P y / (P 1)``.
         """
         if not hasattr(self.geom, "transport"):

@@ -1,12 +1,9 @@
 """Log-domain Sinkhorn: balanced and unbalanced, with epsilon annealing.
 
 Sinkhorn (Cuturi, 2013) alternates the two block maximisations of the entropic
-dual (see :mod:`otlab._dual`); in log domain, for ``P = exp((f + g - C)/eps)``,
+dual (see `otlab._dual`); in log domain, for ``P = exp((f + g - C)/eps)``,
 
-.. math::
-    f \\leftarrow \\varepsilon \\log a - \\tau_a\\,\\big(\\varepsilon \\log(P 1) - f\\big),
-    \\qquad
-    g \\leftarrow \\varepsilon \\log b - \\tau_b\\,\\big(\\varepsilon \\log(P^T 1) - g\\big),
+$$ f \\leftarrow \\varepsilon \\log a - \\tau_a\\,\\big(\\varepsilon \\log(P 1) - f\\big), \\qquad g \\leftarrow \\varepsilon \\log b - \\tau_b\\,\\big(\\varepsilon \\log(P^T 1) - g\\big), $$
 
 with ``tau = 1`` for a hard marginal constraint and ``tau = rho / (rho + eps)``
 for a KL-relaxed one (Chizat et al., 2018; Séjourné et al., 2019).
@@ -32,7 +29,7 @@ Two engines run these updates, with identical iterates up to rounding:
 
 The marginal residual is checked every ``check_every`` iterations (inside a
 ``lax.scan`` block of the ``while_loop``). Gradients come from
-:mod:`otlab.implicit` (implicit function theorem), never from unrolling, unless
+`otlab.implicit` (implicit function theorem), never from unrolling, unless
 ``implicit_diff=None``.
 """
 
@@ -45,6 +42,9 @@ import jax
 import jax.numpy as jnp
 
 from otlab import _checks, _dual, implicit
+from otlab._checks import Init
+from otlab.costs import CostLike
+from otlab.geometry import GeometryLike
 from otlab.solution import OTSolution, Status
 
 __all__ = ["sinkhorn", "sinkhorn_divergence"]
@@ -260,7 +260,7 @@ def _forward(
 
         loop, _ = jax.lax.scan(scan_body, loop, length=n_blocks)
     else:
-        loop = jax.lax.while_loop(lambda l: (~l.done) & (l.block < n_blocks), body, loop)
+        loop = jax.lax.while_loop(lambda lp: (~lp.done) & (lp.block < n_blocks), body, loop)
     f, g = engine.potentials(loop.state)
     return f, g, (loop.status, loop.block * check_every, loop.err, loop.errors)
 
@@ -340,7 +340,7 @@ def _sinkhorn(
 
 
 def sinkhorn(
-    geom,
+    geom: GeometryLike,
     a: Array | None = None,
     b: Array | None = None,
     *,
@@ -350,16 +350,16 @@ def sinkhorn(
     tol: float = 1e-4,
     max_iter: int = 2000,
     check_every: int = 10,
-    init=None,
+    init: Init = None,
     epsilon_init: float | Array | None = None,
     epsilon_decay: float = 0.9,
     mode: str = "auto",
-    implicit_diff: implicit.ImplicitDiff | None = implicit.ImplicitDiff(),
+    implicit_diff: implicit.ImplicitDiff | None = implicit.DEFAULT,
 ) -> OTSolution:
     """Solve entropic OT with log-domain Sinkhorn.
 
     Args:
-        geom: an otlab :class:`~otlab.Geometry` / :class:`~otlab.PointCloud`, an
+        geom: an otlab `Geometry` / `PointCloud`, an
             ott-jax geometry, or an ``(n, m)`` cost matrix.
         a: ``(n,)`` non-negative source weights (traced); default uniform.
         b: ``(m,)`` non-negative target weights (traced); default uniform.
@@ -373,7 +373,7 @@ def sinkhorn(
         check_every: static. Iterations between residual checks.
         init: ``None`` (zero potentials), a pair ``(f0, g0)`` (traced), or a
             static callable ``init(geom, a, b, epsilon) -> (f0, g0)`` such as the
-            initializers of :mod:`otlab.initializers`. Never changes gradients.
+            initializers of `otlab.initializers`. Never changes gradients.
         epsilon_init: if given (traced), anneal epsilon geometrically from this
             value to ``epsilon``, one step per ``check_every`` iterations.
         epsilon_decay: static decay factor of the annealing.
@@ -384,7 +384,7 @@ def sinkhorn(
             unroll the iterations (a fixed-length scan in log mode: for testing).
 
     Returns:
-        An :class:`~otlab.OTSolution`.
+        OTSolution: potentials, diagnostics and the lazy plan.
 
     Raises:
         ValueError: on bad shapes or options, and — for concrete inputs — negative
@@ -450,7 +450,7 @@ def sinkhorn_divergence(
     a: Array | None = None,
     b: Array | None = None,
     *,
-    cost=None,
+    cost: CostLike = None,
     epsilon: float | Array | None = None,
     block_size: int | None = None,
     tol: float = 1e-4,
@@ -469,13 +469,13 @@ def sinkhorn_divergence(
         y: ``(m, d)`` target points.
         a: ``(n,)`` source weights, default uniform.
         b: ``(m,)`` target weights, default uniform.
-        cost: ground cost (see :class:`~otlab.PointCloud`).
+        cost: ground cost (see `PointCloud`).
         epsilon: entropic regularisation.
         block_size: online block size, or ``None`` for dense geometries.
-        tol: as in :func:`sinkhorn`.
-        max_iter: as in :func:`sinkhorn`.
-        check_every: as in :func:`sinkhorn`.
-        mode: as in :func:`sinkhorn`.
+        tol: as in `sinkhorn`.
+        max_iter: as in `sinkhorn`.
+        check_every: as in `sinkhorn`.
+        mode: as in `sinkhorn`.
 
     Example:
         >>> import jax, otlab

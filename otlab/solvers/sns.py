@@ -2,23 +2,20 @@
 Xiao & Ying, "Accelerating Sinkhorn algorithm with sparse Newton iterations",
 ICLR 2024), made safe in the manner of SSNS (Tang & Qiu, 2024).
 
-The entropic dual ``D(f, g)`` (:mod:`otlab._dual`) is concave; its gradient is the
+The entropic dual ``D(f, g)`` (`otlab._dual`) is concave; its gradient is the
 marginal violation ``G = (a - P 1, b - P^T 1)`` (balanced case) and its Hessian is
 ``-H`` with
 
-.. math::
-    H = \\frac{1}{\\varepsilon}\\begin{pmatrix} \\mathrm{diag}(P1) & P \\\\
-        P^T & \\mathrm{diag}(P^T 1)\\end{pmatrix}
-        + \\mathrm{diag}(\\kappa_a\\,\\tilde a, \\kappa_b\\,\\tilde b).
+$$ H = \\frac{1}{\\varepsilon}\\begin{pmatrix} \\mathrm{diag}(P1) & P \\\\ P^T & \\mathrm{diag}(P^T 1)\\end{pmatrix} + \\mathrm{diag}(\\kappa_a\\,\\tilde a, \\kappa_b\\,\\tilde b). $$
 
 Stage 1 runs ``warmup`` Sinkhorn iterations. Stage 2 takes regularised Newton
 steps ``z <- z + d`` with
 
-.. math:: (\\tilde H + \\mu I)\\, d = G, \\qquad \\mu = \\nu\\,\\frac{|G|_1}{\\sum a}\\,\\bar h,
+$$ (\\tilde H + \\mu I)\\, d = G, \\qquad \\mu = \\nu\\,\\frac{|G|_1}{\\sum a}\\,\\bar h, $$
 
 where ``H~`` keeps the exact diagonal and a sparse sketch of ``P``: for each row,
 the largest entry in each of ``k`` strided column bins (static shapes, one pass of
-comparisons, no sort; see :meth:`otlab.Geometry.row_sparsify`), ``h`` is the mean
+comparisons, no sort; see `otlab.Geometry.row_sparsify`), ``h`` is the mean
 diagonal of ``H~``, and ``d`` comes from Jacobi-preconditioned conjugate gradient
 with matrix-free products over the kept entries (a gather and a segment sum).
 
@@ -36,7 +33,7 @@ reduces ``|G|`` by less than half — the sign that the sparse Hessian is too cr
 for Newton's fast convergence. Each rung is compiled once; ``lax.switch`` runs
 only the current one (under ``vmap`` all rungs run, as for any batched switch).
 
-Gradients come from :mod:`otlab.implicit`, like every otlab solver.
+Gradients come from `otlab.implicit`, like every otlab solver.
 """
 
 from __future__ import annotations
@@ -48,6 +45,8 @@ import jax
 import jax.numpy as jnp
 
 from otlab import _checks, _dual, implicit
+from otlab._checks import Init
+from otlab.geometry import GeometryLike
 from otlab.solution import OTSolution, Status
 from otlab.solvers import sinkhorn as sinkhorn_lib  # the module
 
@@ -273,7 +272,7 @@ def _sns(
 
 
 def sns(
-    geom,
+    geom: GeometryLike,
     a: Array | None = None,
     b: Array | None = None,
     *,
@@ -286,8 +285,8 @@ def sns(
     budgets: tuple[int, ...] = (16, 64, 256),
     dense_rung: bool = True,
     cg_max_iter: int = 500,
-    init=None,
-    implicit_diff: implicit.ImplicitDiff | None = implicit.ImplicitDiff(),
+    init: Init = None,
+    implicit_diff: implicit.ImplicitDiff | None = implicit.DEFAULT,
 ) -> OTSolution:
     """Solve entropic OT with Sinkhorn–Newton–Sparse (safe, adaptive variant).
 
@@ -301,7 +300,7 @@ def sns(
         b: ``(m,)`` target weights (traced); default uniform.
         epsilon: entropic regularisation (traced); default ``0.05 * mean(C)``.
         tau_a: marginal relaxation in ``(0, 1]`` (traced), as in
-            :func:`~otlab.sinkhorn`.
+            `sinkhorn`.
         tau_b: same for ``b``.
         tol: static. Stop when the L1 optimality residual is ``<= tol``;
             default 1e-9 (float64) or 1e-5 (float32).
@@ -313,12 +312,12 @@ def sns(
         dense_rung: static. Append the exact Hessian (products with the
             materialised plan) as the top rung for dense geometries.
         cg_max_iter: static cap on conjugate-gradient iterations per Newton step.
-        init: as in :func:`~otlab.sinkhorn`.
-        implicit_diff: as in :func:`~otlab.sinkhorn`; ``None`` is not supported
+        init: as in `sinkhorn`.
+        implicit_diff: as in `sinkhorn`; ``None`` is not supported
             (a Newton loop is not unrolled).
 
     Returns:
-        An :class:`~otlab.OTSolution`; ``n_iter`` counts Newton steps (after the
+        OTSolution: the solution; ``n_iter`` counts Newton steps (after the
         ``warmup`` Sinkhorn iterations) and ``errors`` has one entry per step.
 
     Example:

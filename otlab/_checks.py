@@ -21,6 +21,8 @@ def _concrete(x) -> bool:
 
 def weights(w, size: int, name: str, dtype):
     """Default uniform weights; check shape (always) and values (when concrete)."""
+    if size == 0:
+        raise ValueError(f"`{name}`: the geometry has no points on this side.")
     if w is None:
         return jnp.full((size,), 1.0 / size, dtype=dtype)
     w = jnp.asarray(w, dtype=dtype) if not isinstance(w, jax.core.Tracer) else w.astype(dtype)

@@ -1,6 +1,9 @@
 """The entropic OT dual: objective, gradient (optimality condition) and Hessian.
 
-Problem (ott-jax conventions; ``rho = eps * tau / (1 - tau)``, ``tau = 1`` balanced):
+Problem (``rho = eps * tau / (1 - tau)``, ``tau = 1`` balanced; the unbalanced
+problem of Chizat et al. 2018 and Séjourné et al. 2019, as POT's
+``sinkhorn_unbalanced`` — ott-jax 0.6 relaxes a different entropic term, so its
+unbalanced plans differ; balanced problems coincide):
 
 $$ \\min_P \\langle C, P\\rangle + \\varepsilon\\,\\mathrm{KL}(P \\| a b^T) + \\rho_a \\mathrm{KL}(P 1 \\| a) + \\rho_b \\mathrm{KL}(P^T 1 \\| b). $$
 

@@ -167,7 +167,7 @@ class PlanOperator:
             return _rmatvec(self.matrix, u)
         geom, f, eps = self.geom, self.f, self.epsilon
         return _map_blocks(
-            lambda yb, gb: _matvec(jnp.exp(_logits(geom._cost_cols(yb), gb, f, eps)), u),
+            lambda yb, gb: _rmatvec(jnp.exp(_logits(geom._cost_cols(yb), f, gb, eps)), u),
             geom.block_size,
             (geom.y, self.g),
         )
@@ -334,8 +334,9 @@ class PointCloud(_GeometryBase):
         return self.cost.all_pairs(xb, self.y)
 
     def _cost_cols(self, yb: Array) -> Array:
-        """Cost block for columns ``yb``, shape ``(len(yb), n)``: rows index ``y``."""
-        return self.cost.all_pairs(self.x, yb).T
+        """Cost block for columns ``yb``, shape ``(n, len(yb))`` (reduced along axis 0:
+        no transpose, which costs several times the pass itself on CPU)."""
+        return self.cost.all_pairs(self.x, yb)
 
     def materialize(self) -> _GeometryBase:
         if self.is_online:
@@ -353,7 +354,7 @@ class PointCloud(_GeometryBase):
             )
         if axis == 0:
             return _map_blocks(
-                lambda yb, gb: _lse_last(_logits(self._cost_cols(yb), gb, f, epsilon)),
+                lambda yb, gb: _lse_first(_logits(self._cost_cols(yb), f, gb, epsilon)),
                 self.block_size,
                 (self.y, g),
             )

@@ -35,8 +35,9 @@ class Status:
         SUCCESS: the optimality residual reached ``tol``.
         MAX_ITER: the iteration budget ran out first.
         NONFINITE: a NaN or infinity appeared (inputs or divergence).
-        INFEASIBLE: the problem has no solution as posed (e.g. a balanced problem
-            with unequal masses, or negative weights) — detected under ``jit``;
+        INFEASIBLE: the problem has no solution as posed (a balanced problem with
+            unequal masses, negative weights, ``epsilon <= 0`` or ``tau`` outside
+            ``(0, 1]``) — detected under ``jit``;
             outside ``jit`` these raise ``ValueError`` instead.
     """
 
@@ -138,7 +139,10 @@ class OTSolution:
     def reg_cost(self) -> Array:
         """The entropic objective ``<C,P> + eps KL(P|ab^T) + rho_a KL(P1|a) + rho_b KL(P^T1|b)``.
 
-        Evaluated by duality at ``(f, g)``, exactly as ott-jax's ``reg_ot_cost``.
+        Evaluated by duality at ``(f, g)``. For balanced problems this is ott-jax's
+        ``reg_ot_cost``; for unbalanced ones otlab solves the problem above (entropy
+        relative to ``a b^T``, as POT's ``sinkhorn_unbalanced``), which ott-jax 0.6
+        does not: its unbalanced plans differ.
         """
         mass = jnp.sum(jnp.exp(self.geom.lse(self.f, self.g, self.epsilon, axis=1)))
         return _dual.dual_objective(

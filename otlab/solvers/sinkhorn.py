@@ -21,11 +21,13 @@ Two engines run these updates, with identical iterates up to rounding:
     ``K~ = exp((f~ + g~ - C)/eps)`` is built once and the half-steps become
     matrix-vector products ``K~ v`` and ``u K~`` (bandwidth-bound, an order of
     magnitude cheaper than a pass of exponentials on CPU). When ``|log u|`` or
-    ``|log v|`` would exceed a dtype-dependent bound (30 in float32, 200 in
-    float64), or when epsilon changes, the scalings are absorbed into ``f~, g~``
-    and the kernel is rebuilt after one log-domain iteration, which makes every
-    row and column of ``K~`` carry mass (no row underflows in float32 at small
-    epsilon). The default for dense geometries.
+    ``|log v|`` would exceed a dtype-dependent bound (40 in float32, 300 in
+    float64; absorption at 3/4 of it), the scalings are absorbed into ``f~, g~`` and the kernel is rebuilt
+    (one pass of exponentials). After a block in which a scaling hit the bound,
+    at the start and when epsilon changes, the rebuild is preceded by one
+    log-domain iteration, which makes every row and column of ``K~`` carry mass
+    (no row underflows in float32 at small epsilon). The default for dense
+    geometries.
 
 The marginal residual is checked every ``check_every`` iterations (inside a
 ``lax.scan`` block of the ``while_loop``). Gradients come from
@@ -112,20 +114,27 @@ class _LogEngine:
 
 
 def _log_bound(dtype) -> float:
-    return 200.0 if dtype == jnp.float64 else 30.0
+    """Largest ``|log u|`` a scaling may reach before it is absorbed (no overflow of
+    ``u K~`` in the dtype, and underflowed kernel entries stay negligible)."""
+    return 300.0 if dtype == jnp.float64 else 40.0
 
 
 class _KernelEngine:
     @staticmethod
-    def absorb(p: _dual.Problem, geom, f, g, eps) -> _KernelState:
-        # One log-domain iteration first: rows, then columns, carry mass.
-        f = _half_step(p.a, f, geom.lse(f, g, eps, 1), eps, p.tau_a)
-        g = _half_step(p.b, g, geom.lse(f, g, eps, 0), eps, p.tau_b)
+    def _build(p: _dual.Problem, geom, f, g, eps) -> _KernelState:
         op = geom.plan_operator(f, g, eps)
         zf, zg = jnp.zeros_like(f), jnp.zeros_like(g)
         kv = op.matvec(jnp.ones_like(g))
         ku = op.rmatvec(jnp.ones_like(f))
         return _KernelState(f, g, zf, zg, kv, ku, op, eps, jnp.asarray(False))
+
+    @staticmethod
+    def absorb(p: _dual.Problem, geom, f, g, eps) -> _KernelState:
+        """Safe absorption: one log-domain iteration first (rows, then columns, carry
+        mass, so no row or column of ``K~`` underflows), then the kernel."""
+        f = _half_step(p.a, f, geom.lse(f, g, eps, 1), eps, p.tau_a)
+        g = _half_step(p.b, g, geom.lse(f, g, eps, 0), eps, p.tau_b)
+        return _KernelEngine._build(p, geom, f, g, eps)
 
     init = absorb
 
@@ -146,20 +155,29 @@ class _KernelEngine:
         )
 
     @staticmethod
+    def _too_large(p, log_u, log_v, bound):
+        # zero weights have log u ~ log(tiny): they never ask for absorption.
+        return (jnp.max(jnp.where(p.a > 0, jnp.abs(log_u), 0.0)) >= bound) | (
+            jnp.max(jnp.where(p.b > 0, jnp.abs(log_v), 0.0)) >= bound
+        )
+
+    @staticmethod
     def step(p: _dual.Problem, geom, s: _KernelState) -> _KernelState:
-        bound = _log_bound(s.kv.dtype)
         log_u = _KernelEngine._scaling(p.a, s.kv, s.f_abs, s.eps, p.tau_a)
         ku = s.op.rmatvec(jnp.exp(log_u))
         log_v = _KernelEngine._scaling(p.b, ku, s.g_abs, s.eps, p.tau_b)
         kv = s.op.matvec(jnp.exp(log_v))
-        ok = (
-            jnp.all(jnp.where(p.a > 0, jnp.abs(log_u), 0.0) < bound)
-            & jnp.all(jnp.where(p.b > 0, jnp.abs(log_v), 0.0) < bound)
-            & ~s.stale
+        # A scaling about to leave the safe range freezes the block (cheap vector
+        # selects); the kernel is rebuilt before the next block.
+        ok = ~s.stale & ~_KernelEngine._too_large(p, log_u, log_v, _log_bound(s.kv.dtype))
+        pick = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        return s._replace(
+            log_u=pick(log_u, s.log_u),
+            log_v=pick(log_v, s.log_v),
+            kv=pick(kv, s.kv),
+            ku=pick(ku, s.ku),
+            stale=~ok,
         )
-        new = s._replace(log_u=log_u, log_v=log_v, kv=kv, ku=ku)
-        keep = s._replace(stale=jnp.asarray(True))
-        return jax.tree.map(lambda x, y: jnp.where(ok, x, y), new, keep)
 
     @staticmethod
     def marginals(s: _KernelState):
@@ -167,16 +185,17 @@ class _KernelEngine:
 
     @staticmethod
     def maybe_absorb(p, geom, s: _KernelState):
-        half = 0.5 * _log_bound(s.kv.dtype)
-        # zero weights have log u ~ log(tiny): they never ask for absorption.
-        need = s.stale | (
-            (jnp.max(jnp.where(p.a > 0, jnp.abs(s.log_u), 0.0)) > half)
-            | (jnp.max(jnp.where(p.b > 0, jnp.abs(s.log_v), 0.0)) > half)
-        )
-        return jax.lax.cond(
-            need,
-            lambda s: _KernelEngine.set_epsilon(p, geom, s, s.eps),
-            lambda s: s,
+        """Rebuild the kernel when the scalings grew past 3/4 of the bound (one pass
+        of exponentials), or safely after a frozen block (three passes)."""
+        grown = _KernelEngine._too_large(p, s.log_u, s.log_v, 0.75 * _log_bound(s.kv.dtype))
+        branch = jnp.where(s.stale, 2, jnp.where(grown, 1, 0))
+        return jax.lax.switch(
+            branch,
+            [
+                lambda s: s,
+                lambda s: _KernelEngine._build(p, geom, *_KernelEngine.potentials(s), s.eps),
+                lambda s: _KernelEngine.set_epsilon(p, geom, s, s.eps),
+            ],
             s,
         )
 
@@ -268,10 +287,11 @@ def _forward(
 # ----------------------------------------------------------------------- public API
 
 
-def _runtime_status(status, f, g, a, b, tau_a, tau_b):
+def _runtime_status(status, f, g, a, b, epsilon, tau_a, tau_b):
     """Final status: run-time infeasibility (values the eager checks could not see
     under ``jit``) and non-finite potentials override the loop's status."""
-    negative = jnp.any(a < 0) | jnp.any(b < 0)
+    bad_param = ~(epsilon > 0) | ~((tau_a > 0) & (tau_a <= 1)) | ~((tau_b > 0) & (tau_b <= 1))
+    negative = jnp.any(a < 0) | jnp.any(b < 0) | bad_param
     unequal = (jnp.abs(jnp.sum(a) - jnp.sum(b)) > 1e-5 * jnp.maximum(jnp.sum(a), jnp.sum(b))) & (
         _dual.is_balanced(tau_a, tau_b) > 0
     )
@@ -335,7 +355,7 @@ def _sinkhorn(
     f, g, (status, n_iter, err, errors) = implicit.solve(
         forward, problem, (*init_pair, epsilon_init), implicit_diff
     )
-    status = _runtime_status(status, f, g, a, b, tau_a, tau_b)
+    status = _runtime_status(status, f, g, a, b, epsilon, tau_a, tau_b)
     return OTSolution(f, g, geom, a, b, epsilon, tau_a, tau_b, status, n_iter, err, errors)
 
 

@@ -267,7 +267,7 @@ def _sns(
         dense_rung=dense_rung, cg_max_iter=cg_max_iter,
     )
     f, g, (status, n_iter, err, errors) = implicit.solve(forward, problem, init_pair, implicit_diff)
-    status = sinkhorn_lib._runtime_status(status, f, g, a, b, tau_a, tau_b)
+    status = sinkhorn_lib._runtime_status(status, f, g, a, b, epsilon, tau_a, tau_b)
     return OTSolution(f, g, geom, a, b, epsilon, tau_a, tau_b, status, n_iter, err, errors)
 
 

@@ -1,0 +1,74 @@
+"""Shared fixtures: both precisions, each test inside its own x64 context.
+
+``dtype`` runs a test twice. The float64 run executes the whole test body inside
+``jax.enable_x64(True)`` so that arrays created by the test (and by otlab) are
+float64; the float32 run executes inside ``jax.enable_x64(False)``. ``x64`` is the
+float64-only variant for tests that need the precision (gradients vs finite
+differences, comparisons with reference solvers).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite compiles a few hundred small XLA programs and compilation dominates its run
+# time. LLVM at -O0 compiles them about twice as fast; the HLO passes (fusion, algebraic
+# simplification) still run, and the numerics are the same. Export XLA_FLAGS to override.
+# (Subprocesses that measure performance or memory must drop this: see TEST_XLA_FLAGS.)
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("otlab", max_examples=15, deadline=None, derandomize=True)
+settings.load_profile("otlab")
+
+
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request):
+    """The floating dtype of the test, with x64 enabled exactly when it is float64."""
+    dt = jnp.float64 if request.param == "float64" else jnp.float32
+    with jax.enable_x64(dt == jnp.float64):
+        assert jnp.zeros(1, dt).dtype == dt  # the context really gives this dtype
+        yield dt
+
+
+@pytest.fixture
+def x64():
+    """Run the test in float64; yields the dtype."""
+    with jax.enable_x64(True):
+        assert jnp.asarray(1.0).dtype == jnp.float64
+        yield jnp.float64
+
+
+
+# One XLA compilation cache per test run, shared by the pytest-xdist workers: a
+# program that both workers need (the same solver on the same problem) is compiled
+# once. It lives in a temporary directory that is removed at the end of the run, so
+# every run starts cold. Set OTLAB_TEST_SHARED_CACHE=0 to turn it off.
+_CACHE_ENV = "OTLAB_TEST_JAX_CACHE_DIR"
+
+
+def pytest_configure(config):
+    if os.environ.get("OTLAB_TEST_SHARED_CACHE", "1") == "0":
+        return
+    if not hasattr(config, "workerinput") and _CACHE_ENV not in os.environ:
+        # the controller (or a run without xdist): make the directory; workers inherit it
+        config._otlab_cache_dir = tempfile.mkdtemp(prefix="otlab-jax-cache-")
+        os.environ[_CACHE_ENV] = config._otlab_cache_dir
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    cache_dir = getattr(config, "_otlab_cache_dir", None)
+    if cache_dir is not None:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        os.environ.pop(_CACHE_ENV, None)

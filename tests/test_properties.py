@@ -1,0 +1,119 @@
+"""Property-based tests (hypothesis) of Sinkhorn on random small problems (float64).
+
+Shapes are fixed (n = 6, m = 8 points in 2-D) so that every example reuses the same
+compiled solver; values (points, weights, epsilon, tau, shifts) are drawn."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import otlab
+
+N, M = 6, 8
+OPTS = dict(tol=1e-9, max_iter=10000)
+PROPERTY = settings(max_examples=15, deadline=None)
+
+_coord = st.floats(-2.0, 2.0, allow_nan=False, allow_infinity=False, width=64)
+
+
+def _points(k):
+    return hnp.arrays(np.float64, (k, 2), elements=_coord)
+
+
+def _weights(k):
+    w = hnp.arrays(np.float64, (k,), elements=st.floats(0.05, 1.0, width=64))
+    return w.map(lambda v: v / v.sum())
+
+
+_eps_rel = st.floats(0.05, 1.0)
+
+
+def _epsilon(x, y, rel):
+    """Relative to the largest cost (plus a floor for coincident clouds)."""
+    c = np.sum((x[:, None, :] - y[None, :, :]) ** 2, -1)
+    return rel * (float(c.max()) + 0.1)
+
+
+def _solve(x, y, a, b, eps, **kw):
+    return otlab.sinkhorn(otlab.PointCloud(jnp.asarray(x), jnp.asarray(y)), jnp.asarray(a),
+                          jnp.asarray(b), epsilon=eps, **OPTS, **kw)
+
+
+@PROPERTY
+@given(x=_points(N), y=_points(M), a=_weights(N), b=_weights(M), rel=_eps_rel)
+def test_plan_marginals_match_weights(x, y, a, b, rel):
+    with jax.enable_x64(True):
+        sol = _solve(x, y, a, b, _epsilon(x, y, rel))
+        assert bool(sol.converged), (int(sol.status), float(sol.marginal_error))
+        plan = np.asarray(sol.plan())
+        assert np.all(plan >= 0)
+        err = np.abs(plan.sum(1) - a).sum() + np.abs(plan.sum(0) - b).sum()
+        assert err <= 1.01 * OPTS["tol"] + 1e-13
+
+
+@PROPERTY
+@given(x=_points(N), y=_points(M), a=_weights(N), b=_weights(M), rel=_eps_rel,
+       tau=st.floats(0.2, 0.95))
+def test_unbalanced_plan_satisfies_relaxed_marginal_conditions(x, y, a, b, rel, tau):
+    """P 1 = a exp(-(f - eps log a) / rho) with rho = eps tau / (1 - tau) (and for b)."""
+    with jax.enable_x64(True):
+        eps = _epsilon(x, y, rel)
+        sol = _solve(x, y, a, b, eps, tau_a=tau, tau_b=tau)
+        assert bool(sol.converged)
+        rho = eps * tau / (1 - tau)
+        plan = np.asarray(sol.plan())
+        f, g = np.asarray(sol.f), np.asarray(sol.g)
+        np.testing.assert_allclose(plan.sum(1), a * np.exp(-(f - eps * np.log(a)) / rho), atol=1e-8)
+        np.testing.assert_allclose(plan.sum(0), b * np.exp(-(g - eps * np.log(b)) / rho), atol=1e-8)
+
+
+@PROPERTY
+@given(x=_points(N), y=_points(M), a=_weights(N), b=_weights(M), rel=_eps_rel,
+       perm_x=st.permutations(range(N)), perm_y=st.permutations(range(M)))
+def test_permuting_points_permutes_potentials(x, y, a, b, rel, perm_x, perm_y):
+    with jax.enable_x64(True):
+        eps = _epsilon(x, y, rel)
+        sol = _solve(x, y, a, b, eps)
+        px, py = np.asarray(perm_x), np.asarray(perm_y)
+        perm = _solve(x[px], y[py], a[px], b[py], eps)
+        assert bool(sol.converged) and bool(perm.converged)
+        scale = 1e-6 * (eps + 1.0)
+        np.testing.assert_allclose(perm.f, np.asarray(sol.f)[px], atol=scale)
+        np.testing.assert_allclose(perm.g, np.asarray(sol.g)[py], atol=scale)
+        np.testing.assert_allclose(perm.reg_cost, sol.reg_cost, rtol=1e-9, atol=1e-10)
+
+
+@PROPERTY
+@given(x=_points(N), y=_points(M), a=_weights(N), b=_weights(M), rel=_eps_rel,
+       shift=hnp.arrays(np.float64, (2,), elements=st.floats(-10.0, 10.0)))
+def test_translating_both_clouds_leaves_reg_cost_unchanged(x, y, a, b, rel, shift):
+    with jax.enable_x64(True):
+        eps = _epsilon(x, y, rel)
+        sol = _solve(x, y, a, b, eps)
+        moved = _solve(x + shift, y + shift, a, b, eps)
+        assert bool(sol.converged) and bool(moved.converged)
+        np.testing.assert_allclose(moved.reg_cost, sol.reg_cost, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(moved.plan(), sol.plan(), atol=1e-7)
+
+
+@PROPERTY
+@given(c=hnp.arrays(np.float64, (N, M), elements=st.floats(0.0, 3.0, width=64)),
+       a=_weights(N), b=_weights(M), rel=_eps_rel, k=st.floats(-5.0, 5.0))
+def test_constant_cost_shift_shifts_reg_cost(c, a, b, rel, k):
+    """Balanced, unit mass: OT_eps(C + k) = OT_eps(C) + k (and the plan is unchanged)."""
+    with jax.enable_x64(True):
+        eps = rel * (float(c.max()) + 0.1)
+
+        def solve(cm):
+            return otlab.sinkhorn(otlab.Geometry(jnp.asarray(cm)), jnp.asarray(a), jnp.asarray(b),
+                                  epsilon=eps, **OPTS)
+
+        sol, shifted = solve(c), solve(c + k)
+        assert bool(sol.converged) and bool(shifted.converged)
+        np.testing.assert_allclose(float(shifted.reg_cost) - float(sol.reg_cost), k, atol=1e-7)
+        np.testing.assert_allclose(shifted.plan(), sol.plan(), atol=1e-8)

@@ -22,6 +22,8 @@ import time
 #: registered benchmarks, in the order they run: name -> module.
 BENCHMARKS: dict[str, str] = {
     "sinkhorn": "benchmarks.bench_sinkhorn",
+    "initializers": "benchmarks.bench_initializers",
+    "sns": "benchmarks.bench_sns",
 }
 
 RESULTS = pathlib.Path(__file__).with_name("results.md")

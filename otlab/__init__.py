@@ -3,7 +3,7 @@
 Pure, jit-compiled functions: arrays -> Geometry -> solver -> OTSolution.
 """
 
-from otlab import costs
+from otlab import costs, initializers
 from otlab.geometry import Geometry, PlanOperator, PointCloud, as_geometry, from_ott
 from otlab.implicit import ImplicitDiff
 from otlab.solution import OTSolution, Status
@@ -22,6 +22,7 @@ __all__ = [
     "as_geometry",
     "costs",
     "from_ott",
+    "initializers",
     "sinkhorn",
     "sinkhorn_divergence",
     "sns",

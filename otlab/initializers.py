@@ -65,6 +65,9 @@ from otlab import _dual
 from otlab import costs as costs_lib
 from otlab import geometry as geometry_lib
 
+#: The geometries an initializer receives.
+Geometries = geometry_lib.Geometry | geometry_lib.PointCloud
+
 __all__ = [
     "gaussian",
     "sorting",
@@ -83,7 +86,7 @@ Array = jax.Array
 # ------------------------------------------------------------------------- helpers
 
 
-def c_transform(geom, pot: Array, w: Array, epsilon: Array, axis: int = 0) -> Array:
+def c_transform(geom: Geometries, pot: Array, w: Array, epsilon: Array, axis: int = 0) -> Array:
     """Soft c-transform through a geometry (one log-sum-exp pass, dense or online).
 
     ``axis=0``: from a source potential ``f`` to the target potential that makes the
@@ -159,12 +162,11 @@ def _psd_power_jvp(power, primals, tangents):
     return out, v @ (divided * dmt) @ v.T
 
 
-def gaussian_map(mean_a: Array, cov_a: Array, mean_b: Array, cov_b: Array) -> Array:
-    """The matrix ``A`` of the Monge map ``T(x) = m_b + A (x - m_a)`` between Gaussians.
-
+def gaussian_map(cov_a: Array, cov_b: Array) -> Array:
+    """The matrix ``A`` of the Monge map ``T(x) = m_b + A (x - m_a)`` from
+    ``N(m_a, S_a)`` to ``N(m_b, S_b)``:
     ``A = S_a^{-1/2} (S_a^{1/2} S_b S_a^{1/2})^{1/2} S_a^{-1/2}`` (symmetric PSD).
     """
-    del mean_a, mean_b
     ra = _psd_power(cov_a, 0.5)
     ria = _psd_power(cov_a, -0.5)
     mid = _psd_power(ra @ cov_b @ ra, 0.5)
@@ -185,7 +187,7 @@ def _check_gaussian(geom) -> geometry_lib.PointCloud:
     return geom
 
 
-def gaussian(geom, a: Array, b: Array, epsilon: Array) -> tuple[Array, Array]:
+def gaussian(geom: Geometries, a: Array, b: Array, epsilon: Array) -> tuple[Array, Array]:
     """Initial potentials from the Gaussian fits of the two weighted clouds.
 
     The Kantorovich potential for ``C = |x - y|^2`` between ``N(m_a, S_a)`` and
@@ -193,11 +195,13 @@ def gaussian(geom, a: Array, b: Array, epsilon: Array) -> tuple[Array, Array]:
     ``u(x) = |x|^2 - (x - m_a)^T A (x - m_a) - 2 <m_b, x>`` with ``A`` the Gaussian
     Monge map (:func:`gaussian_map`), and its conjugate pair ``v`` (see
     :func:`gaussian_potentials`); ``f0 = u + eps log a``, ``g0 = v + eps log b``.
-    Cost: ``O((n + m) d^2 + d^3)``, no ``n x m`` pass (the c-transform of ``u``
-    gave the same iteration counts within one check stride).
+    Cost: ``O((n + m) d^2 + d^3)``, no ``n x m`` pass (starting from the
+    c-transform of ``u`` instead changed the counts by at most two check strides,
+    either way, on the benchmark rows).
 
-    Helps most for near-Gaussian clouds at moderate epsilon; at small epsilon it
-    can cost iterations (see :func:`auto`).
+    Helps most for near-Gaussian clouds at moderate epsilon; a misleading start
+    costs more iterations the smaller epsilon is (see :func:`auto` and
+    docs/initializers.md).
 
     Args:
         geom: a :class:`~otlab.PointCloud` with the squared-Euclidean cost.
@@ -212,7 +216,7 @@ def gaussian(geom, a: Array, b: Array, epsilon: Array) -> tuple[Array, Array]:
     return _from_uv(u, v, a, b, epsilon)
 
 
-def gaussian_potentials(geom, a: Array, b: Array) -> tuple[Array, Array]:
+def gaussian_potentials(geom: Geometries, a: Array, b: Array) -> tuple[Array, Array]:
     """Kantorovich potentials ``(u, v)`` of ``|x - y|^2`` between the Gaussian fits.
 
     ``u(x) = |x|^2 - (x - m_a)^T A (x - m_a) - 2 <m_b, x>`` and, with ``A^{-1}``
@@ -228,8 +232,8 @@ def gaussian_potentials(geom, a: Array, b: Array) -> tuple[Array, Array]:
 
 
 def _quadratic_potentials(x, y, mean_a, cov_a, mean_b, cov_b) -> tuple[Array, Array]:
-    fwd = gaussian_map(mean_a, cov_a, mean_b, cov_b)
-    bwd = gaussian_map(mean_b, cov_b, mean_a, cov_a)
+    fwd = gaussian_map(cov_a, cov_b)
+    bwd = gaussian_map(cov_b, cov_a)
     xc, yc = x - mean_a, y - mean_b
     u = jnp.sum(x * x, -1) - jnp.sum((xc @ fwd) * xc, -1) - 2.0 * (x @ mean_b)
     v = jnp.sum(y * y, -1) - jnp.sum((yc @ bwd) * yc, -1) - 2.0 * (y @ mean_a)
@@ -255,7 +259,7 @@ def _check_sortable(geom) -> geometry_lib.PointCloud:
     return geom
 
 
-def sorting_potentials(geom, a: Array, b: Array) -> tuple[Array, Array]:
+def sorting_potentials(geom: Geometries, a: Array, b: Array) -> tuple[Array, Array]:
     """Exact dual potentials ``(u, v)`` of 1-D OT, ``u_i + v_j <= C_ij``.
 
     Sort both supports; the optimal (monotone) plan is the north-west corner rule
@@ -295,7 +299,7 @@ def sorting_potentials(geom, a: Array, b: Array) -> tuple[Array, Array]:
     return u, v
 
 
-def sorting(geom, a: Array, b: Array, epsilon: Array) -> tuple[Array, Array]:
+def sorting(geom: Geometries, a: Array, b: Array, epsilon: Array) -> tuple[Array, Array]:
     """Initial potentials from exact 1-D OT (the monotone matching).
 
     ``u`` from :func:`sorting_potentials`, ``f0 = u + eps log a`` and ``g0`` its
@@ -361,7 +365,7 @@ class Subsample:
         idx = jax.random.choice(key, pts.shape[0], (self.n_samples,), replace=True, p=w / jnp.sum(w))
         return pts[idx], jnp.full((self.n_samples,), jnp.sum(w) / self.n_samples, w.dtype)
 
-    def __call__(self, geom, a: Array, b: Array, epsilon: Array) -> tuple[Array, Array]:
+    def __call__(self, geom: Geometries, a: Array, b: Array, epsilon: Array) -> tuple[Array, Array]:
         from otlab.solvers.sinkhorn import sinkhorn
 
         geom = _point_cloud(geom, "Subsample")
@@ -376,13 +380,13 @@ class Subsample:
             tol=self.tol,
             max_iter=self.max_iter,
         )
-        # Extend both potentials by the soft c-transform through the small clouds:
-        # (n x k) and (k x m) passes, never n x m.
+        # Extend the small solution's g to every source point (an n x k pass); g0 is
+        # the soft c-transform of f0 through the full geometry (one n x m pass, as
+        # ott-jax's first iteration; extending the small f through the k sampled
+        # sources instead gave the same counts on the benchmark rows).
         to_x = geometry_lib.PointCloud(geom.x, ys, geom.cost, geom.block_size)
-        to_y = geometry_lib.PointCloud(xs, geom.y, geom.cost, geom.block_size)
         f0 = c_transform(to_x, sub.g, a, epsilon, axis=1)
-        g0 = c_transform(to_y, sub.f, b, epsilon, axis=0)
-        return f0, g0
+        return f0, c_transform(geom, f0, b, epsilon)
 
 
 subsample = Subsample()
@@ -417,7 +421,7 @@ def _half_step_dual(geom, g: Array, a: Array, b: Array, epsilon: Array) -> Array
 SAFEGUARD_BELOW = 5e-3
 
 
-def auto(geom, a: Array, b: Array, epsilon: Array) -> tuple[Array, Array]:
+def auto(geom: Geometries, a: Array, b: Array, epsilon: Array) -> tuple[Array, Array]:
     """The best applicable initializer for ``geom``, never worse than zeros on the dual.
 
     * 1-D points with a cost ``h(x - y)``, ``h`` convex: :func:`sorting` (exact

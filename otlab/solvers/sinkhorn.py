@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from otlab import _checks, _dual, implicit
+from otlab import _checks, _dual, implicit, initializers
 from otlab._checks import Init
 from otlab.costs import CostLike
 from otlab.geometry import GeometryLike
@@ -391,9 +391,11 @@ def sinkhorn(
             |P^T1 - b|_1`` when balanced) is ``<= tol``.
         max_iter: static iteration cap.
         check_every: static. Iterations between residual checks.
-        init: ``None`` (zero potentials), a pair ``(f0, g0)`` (traced), or a
-            static callable ``init(geom, a, b, epsilon) -> (f0, g0)`` such as the
-            initializers of `otlab.initializers`. Never changes gradients.
+        init: ``None`` (zero potentials), ``"auto"`` (`otlab.initializers.auto`:
+            the best applicable data-dependent initializer), a pair ``(f0, g0)``
+            (traced), or a static callable ``init(geom, a, b, epsilon) -> (f0, g0)``
+            such as the initializers of `otlab.initializers`. Never changes
+            gradients.
         epsilon_init: if given (traced), anneal epsilon geometrically from this
             value to ``epsilon``, one step per ``check_every`` iterations.
         epsilon_decay: static decay factor of the annealing.
@@ -442,6 +444,9 @@ def sinkhorn(
         epsilon_init = _checks.positive_scalar(epsilon_init, "epsilon_init", dtype)
     if implicit_diff is not None and not isinstance(implicit_diff, implicit.ImplicitDiff):
         raise ValueError("`implicit_diff` must be an otlab.ImplicitDiff or None.")
+    if isinstance(init, str):
+        _checks.choice(init, "init", ("auto",))
+        init = initializers.auto
     init_fn, init_pair = (init, None) if callable(init) else (None, init)
     if init_pair is not None:
         init_pair = _checks.init(init_pair, geom, a, b, epsilon)

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from otlab import _checks, _dual, implicit
+from otlab import _checks, _dual, implicit, initializers
 from otlab._checks import Init
 from otlab.geometry import GeometryLike
 from otlab.solution import OTSolution, Status
@@ -260,7 +260,7 @@ def _sns(
     if init_fn is not None or init_pair is None:
         init_pair = _checks.init(init_fn, geom, a, b, epsilon)
     if tol is None:
-        tol = 1e-9 if geom.dtype == jnp.float64 else 1e-5
+        tol = 1e-9 if geom.dtype == jnp.float64 else 1e-4
     problem = _dual.Problem(geom, a, b, epsilon, tau_a, tau_b)
     forward = functools.partial(
         _forward, tol=tol, max_iter=max_iter, warmup=warmup, budgets=budgets,
@@ -291,8 +291,10 @@ def sns(
     """Solve entropic OT with Sinkhorn–Newton–Sparse (safe, adaptive variant).
 
     float64 is recommended: Newton's fast local convergence shows down to marginal
-    errors of ~1e-12. In float32 the attainable L1 marginal error is about 1e-6
-    (sums of ``m`` rounded entries); the default ``tol`` is 1e-5 there.
+    errors of ~1e-12. In float32 the plan is recomputed from rounded potentials,
+    so the attainable L1 marginal error grows like ``1e-7 * max|C| / epsilon``
+    (about 1e-5 at ``epsilon = 1e-3 * max|C|``); the default ``tol`` is 1e-4 there,
+    and a run stopped at the floor reports ``MAX_ITER``.
 
     Args:
         geom: a geometry (dense or online), an ott-jax geometry or a cost matrix.
@@ -303,7 +305,7 @@ def sns(
             `sinkhorn`.
         tau_b: same for ``b``.
         tol: static. Stop when the L1 optimality residual is ``<= tol``;
-            default 1e-9 (float64) or 1e-5 (float32).
+            default 1e-9 (float64) or 1e-4 (float32).
         max_iter: static cap on Newton steps.
         warmup: static number of Sinkhorn iterations before the Newton stage.
         budgets: static ladder of kept Hessian entries per row (strided-bin
@@ -345,12 +347,17 @@ def sns(
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"`warmup` must be a non-negative int; got {warmup!r}.")
     budgets = tuple(budgets) if isinstance(budgets, (tuple, list)) else (budgets,)
+    if not budgets and (geom.is_online or not dense_rung):
+        raise ValueError("`budgets` is empty and no dense rung is allowed: nothing to solve with.")
     for k in budgets:
         _checks.positive_int(k, "budgets")
     if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"`tol` must be a positive float or None; got {tol!r}.")
     if implicit_diff is None or not isinstance(implicit_diff, implicit.ImplicitDiff):
         raise ValueError("`implicit_diff` must be an otlab.ImplicitDiff (SNS is not unrolled).")
+    if isinstance(init, str):
+        _checks.choice(init, "init", ("auto",))
+        init = initializers.auto
     init_fn, init_pair = (init, None) if callable(init) else (None, init)
     if init_pair is not None:
         init_pair = _checks.init(init_pair, geom, a, b, epsilon)

@@ -1,0 +1,229 @@
+"""Sinkhorn initializers: iterations and wall time to tolerance, otlab vs ott-jax.
+
+Rows: two kinds of clouds, ``d in {1, 2, 16}``, ``n = m = 1000`` (``quick``: 300),
+``epsilon = rel * mean(C)`` with ``rel in {1e-1, 1e-2, 1e-3}``, squared-Euclidean
+cost, uniform weights, float32, the same absolute epsilon for every solver.
+
+* ``gauss``: ``x ~ N(0, A A^T)``, ``y ~ N(1, B B^T)`` with random anisotropic ``A, B``
+  (the paper's regime for the Gaussian initializer);
+* ``non-gauss``: ``x`` uniform in a cube, ``y`` a mixture of three separated blobs.
+
+Columns: otlab's default (zeros), ``gaussian``, ``sorting`` (d = 1), ``Subsample(200)``
+and ``auto``; ott-jax's ``DefaultInitializer``, ``GaussianInitializer``,
+``SortingInitializer`` (d = 1) and ``SubsampleInitializer(200)`` on the same arrays.
+Both stop at an L1 marginal error ``<= 1e-3`` checked every 10 iterations (otlab:
+``|P1 - a|_1 + |P^T 1 - b|_1``; ott-jax: ``|P^T 1 - b|_1`` after its ``f`` update, when
+``P1 = a``, so the two agree), cap 50 000 iterations. Every solver, initializer
+included, is one ``jax.jit``; times are warm, end to end (initializer included):
+otlab medians of 3 to 25 interleaved runs (more for short solves), ott-jax medians
+of 1 to 9 warm runs (its log-domain iterations are ~10x slower; ratios within a
+library are what to compare).
+
+The ott-jax geometry is built without ``scale_cost``: its ``GaussianInitializer``
+computes the potential from the raw points and ignores ``scale_cost``, so with a
+rescaled cost it starts from a potential off by the scale factor (with
+``scale_cost="mean"`` on anisotropic 3-D clouds it needed 100 000+ iterations where
+zeros needed 1 930): see docs/initializers.md.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import otlab
+import otlab.initializers as inits
+
+TOL = 1e-3
+MAX_ITER = 50_000
+CHECK_EVERY = 10
+N_SUB = 200
+
+
+def _block(out):
+    return jax.block_until_ready(out)
+
+
+def _median_times(fns: dict, reps: int) -> dict[str, float]:
+    """Median warm wall time of each zero-argument ``fn``, repetitions interleaved
+    (``a b c a b c``) so that load changes on a shared machine hit every method."""
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            _block(fn())
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + ":---|" * 3 + "---:|" * (len(header) - 3)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def clouds(kind: str, d: int, n: int, seed: int = 0):
+    """The two clouds of a row (float32)."""
+    k = jax.random.split(jax.random.key(seed), 4)
+    if kind == "gauss":
+        a = jax.random.normal(k[2], (d, d)) / np.sqrt(d) + 0.5 * jnp.eye(d)
+        b = jax.random.normal(k[3], (d, d)) / np.sqrt(d) + 0.5 * jnp.eye(d)
+        x = jax.random.normal(k[0], (n, d)) @ a
+        y = jax.random.normal(k[1], (n, d)) @ b + 1.0
+    else:
+        x = jax.random.uniform(k[0], (n, d), minval=-1.5, maxval=1.5)
+        centers = 2.0 * jax.random.normal(k[2], (3, d))
+        y = centers[jax.random.randint(k[3], (n,), 0, 3)] + 0.3 * jax.random.normal(k[1], (n, d))
+    return x.astype(jnp.float32), y.astype(jnp.float32)
+
+
+def _otlab(init):
+    @jax.jit
+    def solve(x, y, eps):
+        sol = otlab.sinkhorn(
+            otlab.PointCloud(x, y), epsilon=eps, tol=TOL, max_iter=MAX_ITER,
+            check_every=CHECK_EVERY, init=init,
+        )  # fmt: skip
+        return sol.f, sol.n_iter, sol.status
+
+    return solve
+
+
+def _ott(initializer):
+    from ott.geometry import pointcloud
+    from ott.problems.linear import linear_problem
+    from ott.solvers.linear import sinkhorn
+
+    solver = sinkhorn.Sinkhorn(
+        threshold=TOL, max_iterations=MAX_ITER, inner_iterations=CHECK_EVERY, initializer=initializer
+    )
+
+    @jax.jit
+    def solve(x, y, eps):
+        out = solver(linear_problem.LinearProblem(pointcloud.PointCloud(x, y, epsilon=eps)))
+        return out.f, out.n_iters, out.converged
+
+    return solve
+
+
+def _methods(d: int):
+    from ott.initializers.linear import initializers as ott_init
+
+    ours = {"default": None, "gaussian": inits.gaussian}
+    theirs = {"default": ott_init.DefaultInitializer(), "gaussian": ott_init.GaussianInitializer()}
+    if d == 1:
+        ours["sorting"] = inits.sorting
+        theirs["sorting"] = ott_init.SortingInitializer(vectorized_update=True)
+    ours["subsample"] = inits.Subsample(N_SUB)
+    theirs["subsample"] = ott_init.SubsampleInitializer(N_SUB)
+    ours["auto"] = inits.auto
+    return ours, theirs
+
+
+NAMES = ("default", "gaussian", "sorting", "subsample", "auto")
+
+
+def _row(kind, d, rel, n, reps):
+    x, y = clouds(kind, d, n)
+    eps = jnp.asarray(rel * float(otlab.PointCloud(x, y).mean_cost()), jnp.float32)
+    ours, theirs = _methods(d)
+    res = {}
+    fns = {k: _otlab(v) for k, v in ours.items()}
+    for k, fn in fns.items():
+        _, it, st = _block(fn(x, y, eps))  # compile + warm-up
+        res[("otlab", k)] = [int(it), int(st) == 0, 0.0]
+    # More repetitions for short solves (a loaded machine jitters by milliseconds).
+    t0 = _median_times({"d": lambda: fns["default"](x, y, eps)}, 1)["d"]
+    n_rep = int(np.clip(2.0 / max(t0, 1e-3), reps, 25))
+    times = _median_times({k: (lambda fn=fn: fn(x, y, eps)) for k, fn in fns.items()}, n_rep)
+    for k, t in times.items():
+        res[("otlab", k)][2] = t
+    for k, v in theirs.items():
+        fn = _ott(v)
+        _, it, ok = _block(fn(x, y, eps))  # compile + warm-up
+        t1 = _median_times({k: lambda fn=fn: fn(x, y, eps)}, 1)[k]
+        n_rep = int(np.clip(1.0 / max(t1, 1e-3), 1, 9))
+        t = t1 if n_rep == 1 else _median_times({k: lambda fn=fn: fn(x, y, eps)}, n_rep)[k]
+        res[("ott", k)] = [int(it), bool(ok), t]
+    return res
+
+
+def _cell(r, base):
+    it, ok, t = r
+    flag = "" if ok else "†"
+    if base is None:
+        return f"{it}{flag} / {1e3 * t:.0f} ms"
+    return f"{it}{flag} ({it / max(base[0], 1):.2f}×) / {t / base[2]:.2f}×"
+
+
+def run(quick: bool = False) -> str:
+    n = 300 if quick else 1000
+    rels = (1e-1, 1e-2) if quick else (1e-1, 1e-2, 1e-3)
+    reps = 1 if quick else 3
+    rows, checks = [], []
+    for kind in ("gauss", "non-gauss"):
+        for d in (1, 2, 16):
+            for rel in rels:
+                res = _row(kind, d, rel, n, reps)
+                print(f"  {kind} d={d} rel={rel:g}: " + ", ".join(
+                    f"{lib}/{k}={v[0]}" for (lib, k), v in res.items()), file=sys.stderr, flush=True)  # fmt: skip
+                line = [kind, str(d), f"{rel:g}"]
+                for lib, names in (("otlab", NAMES), ("ott", NAMES[:4])):
+                    base = res[(lib, "default")]
+                    for k in names:
+                        r = res.get((lib, k))
+                        line.append("—" if r is None else _cell(r, None if k == "default" else base))
+                rows.append(line)
+                checks.append(_checks(kind, d, rel, res))
+    header = ["cloud", "d", "ε / mean C"] + [f"otlab {k}" for k in NAMES] + [
+        f"ott {k}" for k in NAMES[:4]
+    ]
+    intro = (
+        f"n = m = {n}, float32, tol {TOL:g} (L1 marginal error), cap {MAX_ITER}. Cells: iterations "
+        "(ratio to the same library's default) / wall time (ratio to that default); default "
+        "cells give iterations / absolute time. † = not converged within the cap. "
+        f"Subsample: {N_SUB} points per cloud.\n\n"
+    )
+    return intro + _table(header, rows) + "\n\n" + _summary(checks) + "\n"
+
+
+def _ratio(res, lib, k):
+    r, base = res.get((lib, k)), res[(lib, "default")]
+    return None if r is None else r[0] / max(base[0], 1)
+
+
+def _checks(kind, d, rel, res):
+    """Per-row target checks (iteration ratios within each library)."""
+    out = {}
+    for k in ("gaussian", "sorting", "subsample"):
+        ours, theirs = _ratio(res, "otlab", k), _ratio(res, "ott", k)
+        if ours is not None:
+            out[f"{k}: reduction ≥ ott-jax's (iteration ratio ≤ ott's)"] = ours <= theirs + 1e-9
+            out[f"{k}: iterations ≤ ott-jax's with its initializer"] = (
+                res[("otlab", k)][0] <= res[("ott", k)][0]
+            )
+    if kind == "gauss" and rel >= 1e-2:
+        out["gaussian ≥ 2× (paper regime)"] = _ratio(res, "otlab", "gaussian") <= 0.5
+    out["auto time ≤ 1.1× default"] = res[("otlab", "auto")][2] <= 1.1 * res[("otlab", "default")][2]
+    out["auto iterations ≤ default"] = res[("otlab", "auto")][0] <= res[("otlab", "default")][0]
+    return (kind, d, rel, out)
+
+
+def _summary(checks) -> str:
+    names = sorted({k for *_, out in checks for k in out})
+    lines = ["Targets (rows passing / rows where the target applies; failing rows listed):", ""]
+    for name in names:
+        applies = [(kind, d, rel, out[name]) for kind, d, rel, out in checks if name in out]
+        fails = [f"{kind} d={d} ε={rel:g}" for kind, d, rel, ok in applies if not ok]
+        lines.append(
+            f"- {name}: {len(applies) - len(fails)}/{len(applies)}"
+            + (f" — fails: {', '.join(fails)}" if fails else "")
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(run(quick="--quick" in sys.argv))

@@ -80,7 +80,7 @@ def geometry(geom):
     return geom
 
 
-def init(init, geom, a, b, epsilon) -> tuple:
+def potentials(init, geom, a, b, epsilon) -> tuple:
     """``None`` (zeros), a callable ``init(geom, a, b, epsilon) -> (f0, g0)``, or a pair."""
     n, m = geom.shape
     if init is None:
@@ -107,3 +107,35 @@ def choice(value, name: str, options):
 def positive_int(value, name: str):
     if not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"`{name}` must be a positive int; got {value!r}.")
+
+
+def problem(geom, a, b, epsilon, tau_a, tau_b):
+    """Eager checks shared by every entropic solver's entry point.
+
+    Returns ``(geom, a, b, epsilon, tau_a, tau_b)`` converted to the geometry's
+    dtype (``epsilon`` stays ``None`` when not given).
+    """
+    geom = geometry(geom)
+    n, m = geom.shape
+    dtype = geom.dtype
+    a = weights(a, n, "a", dtype)
+    b = weights(b, m, "b", dtype)
+    if epsilon is not None:
+        epsilon = positive_scalar(epsilon, "epsilon", dtype)
+    tau_a = positive_scalar(tau_a, "tau_a", dtype, upper=1.0)
+    tau_b = positive_scalar(tau_b, "tau_b", dtype, upper=1.0)
+    masses(a, b, tau_a, tau_b)
+    return geom, a, b, epsilon, tau_a, tau_b
+
+
+def split_init(init, geom, a, b, epsilon):
+    """``init=`` as ``(static callable or None, checked pair or None)``; ``"auto"``
+    is `otlab.initializers.auto`."""
+    if isinstance(init, str):
+        choice(init, "init", ("auto",))
+        from otlab import initializers
+
+        init = initializers.auto
+    if callable(init):
+        return init, None
+    return None, (None if init is None else potentials(init, geom, a, b, epsilon))

@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from otlab import _checks, _dual, implicit, initializers
+from otlab import _checks, _dual, implicit
 from otlab._checks import Init
 from otlab.costs import CostLike
 from otlab.geometry import GeometryLike
@@ -287,6 +287,25 @@ def _forward(
 # ----------------------------------------------------------------------- public API
 
 
+def _traced_defaults(geom, a, b, epsilon, init_fn, init_pair):
+    """Inside a solver's ``jit``: the default epsilon and the initial potentials."""
+    if epsilon is None:
+        epsilon = 0.05 * jax.lax.stop_gradient(geom.mean_cost())
+    if init_fn is not None or init_pair is None:
+        init_pair = _checks.potentials(init_fn, geom, a, b, epsilon)
+    return epsilon, init_pair
+
+
+def _solve(forward, problem: _dual.Problem, init, implicit_diff) -> OTSolution:
+    """Run a solver's ``forward`` through `otlab.implicit` and pack the solution."""
+    f, g, (status, n_iter, err, errors) = implicit.solve(forward, problem, init, implicit_diff)
+    p = problem
+    status = _runtime_status(status, f, g, p.a, p.b, p.epsilon, p.tau_a, p.tau_b)
+    return OTSolution(
+        f, g, p.geom, p.a, p.b, p.epsilon, p.tau_a, p.tau_b, status, n_iter, err, errors
+    )
+
+
 def _runtime_status(status, f, g, a, b, epsilon, tau_a, tau_b):
     """Final status: run-time infeasibility (values the eager checks could not see
     under ``jit``) and non-finite potentials override the loop's status."""
@@ -331,12 +350,7 @@ def _sinkhorn(
     mode,
     implicit_diff,
 ):
-    if epsilon is None:
-        epsilon = 0.05 * jax.lax.stop_gradient(geom.mean_cost())
-    if init_fn is not None:
-        init_pair = _checks.init(init_fn, geom, a, b, epsilon)
-    elif init_pair is None:
-        init_pair = _checks.init(None, geom, a, b, epsilon)
+    epsilon, init_pair = _traced_defaults(geom, a, b, epsilon, init_fn, init_pair)
     if mode == "auto":
         mode = "log" if geom.is_online else "kernel"
     unroll = implicit_diff is None
@@ -352,11 +366,7 @@ def _sinkhorn(
         epsilon_decay=epsilon_decay,
         unroll=unroll,
     )
-    f, g, (status, n_iter, err, errors) = implicit.solve(
-        forward, problem, (*init_pair, epsilon_init), implicit_diff
-    )
-    status = _runtime_status(status, f, g, a, b, epsilon, tau_a, tau_b)
-    return OTSolution(f, g, geom, a, b, epsilon, tau_a, tau_b, status, n_iter, err, errors)
+    return _solve(forward, problem, (*init_pair, epsilon_init), implicit_diff)
 
 
 def sinkhorn(
@@ -423,16 +433,7 @@ def sinkhorn(
         >>> bool(sol.converged), sol.plan().shape
         (True, (200, 300))
     """
-    geom = _checks.geometry(geom)
-    n, m = geom.shape
-    dtype = geom.dtype
-    a = _checks.weights(a, n, "a", dtype)
-    b = _checks.weights(b, m, "b", dtype)
-    if epsilon is not None:
-        epsilon = _checks.positive_scalar(epsilon, "epsilon", dtype)
-    tau_a = _checks.positive_scalar(tau_a, "tau_a", dtype, upper=1.0)
-    tau_b = _checks.positive_scalar(tau_b, "tau_b", dtype, upper=1.0)
-    _checks.masses(a, b, tau_a, tau_b)
+    geom, a, b, epsilon, tau_a, tau_b = _checks.problem(geom, a, b, epsilon, tau_a, tau_b)
     _checks.choice(mode, "mode", ("auto", "kernel", "log"))
     _checks.positive_int(max_iter, "max_iter")
     _checks.positive_int(check_every, "check_every")
@@ -441,15 +442,10 @@ def sinkhorn(
     if not 0.0 < epsilon_decay < 1.0:
         raise ValueError(f"`epsilon_decay` must be in (0, 1); got {epsilon_decay!r}.")
     if epsilon_init is not None:
-        epsilon_init = _checks.positive_scalar(epsilon_init, "epsilon_init", dtype)
+        epsilon_init = _checks.positive_scalar(epsilon_init, "epsilon_init", geom.dtype)
     if implicit_diff is not None and not isinstance(implicit_diff, implicit.ImplicitDiff):
         raise ValueError("`implicit_diff` must be an otlab.ImplicitDiff or None.")
-    if isinstance(init, str):
-        _checks.choice(init, "init", ("auto",))
-        init = initializers.auto
-    init_fn, init_pair = (init, None) if callable(init) else (None, init)
-    if init_pair is not None:
-        init_pair = _checks.init(init_pair, geom, a, b, epsilon)
+    init_fn, init_pair = _checks.split_init(init, geom, a, b, epsilon)
     return _sinkhorn(
         geom,
         a,

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from otlab import _checks, _dual, implicit, initializers
+from otlab import _checks, _dual, implicit
 from otlab._checks import Init
 from otlab.geometry import GeometryLike
 from otlab.solution import OTSolution, Status
@@ -255,10 +255,7 @@ def _sns(
     geom, a, b, epsilon, tau_a, tau_b, init_pair, *, init_fn, tol, max_iter, warmup, budgets,
     dense_rung, cg_max_iter, implicit_diff,
 ):
-    if epsilon is None:
-        epsilon = 0.05 * jax.lax.stop_gradient(geom.mean_cost())
-    if init_fn is not None or init_pair is None:
-        init_pair = _checks.init(init_fn, geom, a, b, epsilon)
+    epsilon, init_pair = sinkhorn_lib._traced_defaults(geom, a, b, epsilon, init_fn, init_pair)
     if tol is None:
         tol = 1e-9 if geom.dtype == jnp.float64 else 1e-4
     problem = _dual.Problem(geom, a, b, epsilon, tau_a, tau_b)
@@ -266,9 +263,7 @@ def _sns(
         _forward, tol=tol, max_iter=max_iter, warmup=warmup, budgets=budgets,
         dense_rung=dense_rung, cg_max_iter=cg_max_iter,
     )
-    f, g, (status, n_iter, err, errors) = implicit.solve(forward, problem, init_pair, implicit_diff)
-    status = sinkhorn_lib._runtime_status(status, f, g, a, b, epsilon, tau_a, tau_b)
-    return OTSolution(f, g, geom, a, b, epsilon, tau_a, tau_b, status, n_iter, err, errors)
+    return sinkhorn_lib._solve(forward, problem, init_pair, implicit_diff)
 
 
 def sns(
@@ -332,16 +327,7 @@ def sns(
         (True, True)
         >>> jax.config.update("jax_enable_x64", False)
     """
-    geom = _checks.geometry(geom)
-    n, m = geom.shape
-    dtype = geom.dtype
-    a = _checks.weights(a, n, "a", dtype)
-    b = _checks.weights(b, m, "b", dtype)
-    if epsilon is not None:
-        epsilon = _checks.positive_scalar(epsilon, "epsilon", dtype)
-    tau_a = _checks.positive_scalar(tau_a, "tau_a", dtype, upper=1.0)
-    tau_b = _checks.positive_scalar(tau_b, "tau_b", dtype, upper=1.0)
-    _checks.masses(a, b, tau_a, tau_b)
+    geom, a, b, epsilon, tau_a, tau_b = _checks.problem(geom, a, b, epsilon, tau_a, tau_b)
     _checks.positive_int(max_iter, "max_iter")
     _checks.positive_int(cg_max_iter, "cg_max_iter")
     if not isinstance(warmup, int) or warmup < 0:
@@ -355,12 +341,7 @@ def sns(
         raise ValueError(f"`tol` must be a positive float or None; got {tol!r}.")
     if implicit_diff is None or not isinstance(implicit_diff, implicit.ImplicitDiff):
         raise ValueError("`implicit_diff` must be an otlab.ImplicitDiff (SNS is not unrolled).")
-    if isinstance(init, str):
-        _checks.choice(init, "init", ("auto",))
-        init = initializers.auto
-    init_fn, init_pair = (init, None) if callable(init) else (None, init)
-    if init_pair is not None:
-        init_pair = _checks.init(init_pair, geom, a, b, epsilon)
+    init_fn, init_pair = _checks.split_init(init, geom, a, b, epsilon)
     return _sns(
         geom, a, b, epsilon, tau_a, tau_b, init_pair,
         init_fn=init_fn, tol=None if tol is None else float(tol), max_iter=int(max_iter),

@@ -16,6 +16,11 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # matplotlib is imported lazily at run time
+    from matplotlib.axes import Axes
+
 from typing import Any
 
 import numpy as np
@@ -49,8 +54,13 @@ def _points(p: Any, name: str) -> np.ndarray:
 
 
 def plot_plan(
-    sol_or_plan: Any, ax=None, *, log: bool = False, cmap: str = "magma_r", floor: float = 1e-6
-):
+    sol_or_plan: Any,
+    ax: Axes | None = None,
+    *,
+    log: bool = False,
+    cmap: str = "magma_r",
+    floor: float = 1e-6,
+) -> Axes:
     """Show a dense transport plan as an image (rows: source, columns: target).
 
     Args:
@@ -63,7 +73,7 @@ def plot_plan(
         floor: relative lower limit of the colour scale when ``log``.
 
     Returns:
-        The axes.
+        Axes: the axes drawn on.
 
     Example:
         >>> import numpy as np, otlab.plot
@@ -87,11 +97,11 @@ def plot_matching(
     x: Any,
     y: Any,
     plan: Any,
-    ax=None,
+    ax: Axes | None = None,
     *,
     top: int = 200,
     color: str = "0.3",
-):
+) -> Axes:
     """Draw 2-D source and target points and lines for the ``top`` largest plan entries.
 
     Line opacity is proportional to the entry (the largest is opaque).
@@ -105,7 +115,7 @@ def plot_matching(
         color: line colour.
 
     Returns:
-        The axes.
+        Axes: the axes drawn on.
 
     Example:
         >>> import numpy as np, otlab.plot
@@ -141,7 +151,9 @@ def plot_matching(
     return ax
 
 
-def plot_transport(x: Any, y: Any, tx: Any, ax=None, *, max_arrows: int | None = 300):
+def plot_transport(
+    x: Any, y: Any, tx: Any, ax: Axes | None = None, *, max_arrows: int | None = 300
+) -> Axes:
     """Arrows from source points ``x`` to their images ``tx`` over the target cloud ``y``.
 
     Args:
@@ -153,7 +165,7 @@ def plot_transport(x: Any, y: Any, tx: Any, ax=None, *, max_arrows: int | None =
             points (``None``: all); all transported points are still drawn.
 
     Returns:
-        The axes.
+        Axes: the axes drawn on.
 
     Example:
         >>> import numpy as np, otlab.plot
@@ -180,7 +192,9 @@ def plot_transport(x: Any, y: Any, tx: Any, ax=None, *, max_arrows: int | None =
     return ax
 
 
-def plot_errors(errors: Any, ax=None, *, label: str | None = None, every: int = 1):
+def plot_errors(
+    errors: Any, ax: Axes | None = None, *, label: str | None = None, every: int = 1
+) -> Axes:
     """Marginal-error history on a log scale; entries equal to ``-1`` (not computed) are skipped.
 
     Args:
@@ -192,7 +206,7 @@ def plot_errors(errors: Any, ax=None, *, label: str | None = None, every: int = 
             is in iterations.
 
     Returns:
-        The axes.
+        Axes: the axes drawn on.
 
     Example:
         >>> import numpy as np, otlab.plot

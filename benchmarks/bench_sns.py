@@ -145,14 +145,8 @@ def _sinkhorn_fn(tol: float, max_iter: int):
 def _ott_fn(tol: float, max_iter: int, fixed: bool = False):
     from ott.geometry import geometry
     from ott.problems.linear import linear_problem
-    from ott.solvers.linear import sinkhorn
 
-    solver = sinkhorn.Sinkhorn(
-        threshold=tol,
-        inner_iterations=CHECK_EVERY,
-        min_iterations=max_iter if fixed else 0,
-        max_iterations=max_iter,
-    )
+    solver = common.ott_sinkhorn(tol, max_iter, CHECK_EVERY, fixed)
 
     @jax.jit
     def solve(c, eps):

@@ -57,6 +57,19 @@ def time_interleaved(
     return {k: float(np.median(v)) for k, v in times.items()}, outs
 
 
+def ott_sinkhorn(tol: float, max_iter: int, check_every: int, fixed: bool = False):
+    """ott-jax's ``Sinkhorn`` with otlab's stopping rule; ``fixed`` runs exactly
+    ``max_iter`` iterations (per-iteration timing)."""
+    from ott.solvers.linear import sinkhorn
+
+    return sinkhorn.Sinkhorn(
+        threshold=tol,
+        inner_iterations=check_every,
+        min_iterations=max_iter if fixed else 0,
+        max_iterations=max_iter,
+    )
+
+
 def machine() -> str:
     """One line: date, CPU count, load, platform and library versions."""
     import ott

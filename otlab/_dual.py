@@ -110,6 +110,14 @@ class Problem:
         phi = (jnp.sum(self.a * f) - jnp.sum(self.b * g)) * is_balanced(self.tau_a, self.tau_b)
         return ra - self.a * phi / eps, rb + self.b * phi / eps
 
+    def hessian_diagonal(self, f: Array, g: Array, row: Array, col: Array):
+        """Diagonal blocks of ``-dF/d(f, g)`` given the marginals ``row = P 1``,
+        ``col = P^T 1``: ``row / eps + kappa_a * a~`` and ``col / eps + kappa_b * b~``."""
+        eps = self.epsilon
+        da = row / eps + kappa(eps, self.tau_a) * relaxed_marginal(self.a, f, eps, self.tau_a)
+        db = col / eps + kappa(eps, self.tau_b) * relaxed_marginal(self.b, g, eps, self.tau_b)
+        return da, db
+
     def hessian_operator(self, f: Array, g: Array):
         """``(matvec, diagonal)`` of ``A = -dF/d(f, g)``, symmetric positive definite.
 
@@ -120,8 +128,7 @@ class Problem:
         op = self.geom.materialize().plan_operator(f, g, eps)
         row = op.matvec(jnp.ones(self.b.shape, f.dtype))
         col = op.rmatvec(jnp.ones(self.a.shape, f.dtype))
-        da = row / eps + kappa(eps, self.tau_a) * relaxed_marginal(self.a, f, eps, self.tau_a)
-        db = col / eps + kappa(eps, self.tau_b) * relaxed_marginal(self.b, g, eps, self.tau_b)
+        da, db = self.hessian_diagonal(f, g, row, col)
         s = is_balanced(self.tau_a, self.tau_b) / eps
 
         def matvec(z):

@@ -113,7 +113,7 @@ def _pcg(matvec, rhs, diag, tol, max_iter):
 def _newton_direction(problem: _dual.Problem, geom, s: _State, ga, gb, *, bins, cg_max_iter):
     """Solve ``(H~ + mu I) d = G`` on a ``bins``-per-row sketch of ``P``."""
     eps = problem.epsilon
-    n, m = geom.shape
+    m = geom.shape[1]
     if bins is None:  # the full Hessian: products with the materialised plan
         op = geom.plan_operator(s.f, s.g, eps)
         off_diag = lambda x, y: (op.matvec(y) / eps, op.rmatvec(x) / eps)  # noqa: E731
@@ -126,12 +126,7 @@ def _newton_direction(problem: _dual.Problem, geom, s: _State, ga, gb, *, bins, 
             sx = jax.ops.segment_sum((vals * x[:, None]).ravel(), idx.ravel(), num_segments=m)
             return sy, sx
 
-    da = s.row / eps + _dual.kappa(eps, problem.tau_a) * _dual.relaxed_marginal(
-        problem.a, s.f, eps, problem.tau_a
-    )
-    db = s.col / eps + _dual.kappa(eps, problem.tau_b) * _dual.relaxed_marginal(
-        problem.b, s.g, eps, problem.tau_b
-    )
+    da, db = problem.hessian_diagonal(s.f, s.g, s.row, s.col)
     hbar = 0.5 * (jnp.mean(da) + jnp.mean(db))
     mu = s.nu * s.err / jnp.sum(problem.a) * hbar
 

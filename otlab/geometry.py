@@ -218,7 +218,11 @@ class _GeometryBase:
         """``(P 1, P^T 1)`` from one pass of exponentials (no max shift: meant for
         potentials near a solution, where ``P <= 1``; overflow shows as ``inf``)."""
         p = jnp.exp(_logits(self.cost_matrix, f, g, epsilon))
-        return jnp.sum(p, axis=1), jnp.sum(p, axis=0)
+        # Materialise P once, then two matrix-vector products: XLA fuses each
+        # reduction with its own copy of the exponentials (twice the passes of exp),
+        # measured ~1.8x slower at 2000 x 2000.
+        ones = jnp.ones(p.shape[1], p.dtype)
+        return _matvec(p, ones), _rmatvec(p, jnp.ones(p.shape[0], p.dtype))
 
     def row_sparsify(self, f: Array, g: Array, epsilon: Array, bins: int):
         """A static-shape sparse sketch of ``P``: the largest entry of each row in

@@ -20,6 +20,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (Subprocesses that measure performance or memory must drop this: see TEST_XLA_FLAGS.)
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
+# LAPACK calls (the Cholesky rung of otlab.sns) go to OpenBLAS, whose threads spin:
+# with two pytest workers on two cores, a multithreaded factorisation runs ~100x
+# slower. One BLAS thread per worker.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

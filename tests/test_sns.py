@@ -126,6 +126,50 @@ def test_paper_case_matches_sinkhorn_with_far_fewer_iterations(x64):
     assert warmup + newton <= sinkhorn_iters / 200, (warmup, newton, sinkhorn_iters)
 
 
+def test_cholesky_rung_where_conjugate_gradient_stalls(x64):
+    """A random cost at eps = 1/1200 and n = 200: the exact Hessian is so badly
+    conditioned that conjugate gradient hits its cap (124 Newton steps without the
+    Cholesky rung, ``direct_max=0``); the Cholesky rung restores fast convergence.
+    (Sinkhorn itself does not reach 1e-9 here within 1e5 iterations.)"""
+    c = jnp.asarray(_uniform_cost(N_RAND, seed=1))
+    u = jnp.full(N_RAND, 1.0 / N_RAND)
+    eps = 1.0 / 1200
+    s = otlab.sns(c, epsilon=eps)
+    cg_only = otlab.sns(c, epsilon=eps, direct_max=0)
+    for sol in (s, cg_only):
+        assert int(sol.status) == otlab.Status.SUCCESS
+        assert _residual(c, sol.f, sol.g, u, u, eps) <= 1.5e-9
+    # So ill-conditioned (weakly coupled blocks of the plan) that a 1e-9 residual
+    # pins the potentials to ~1e-3 only: compare the plans.
+    np.testing.assert_allclose(s.plan(), cg_only.plan(), rtol=0, atol=1e-9)
+    assert int(s.n_iter) <= 30 < int(cg_only.n_iter), (int(s.n_iter), int(cg_only.n_iter))
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 7)])
+@pytest.mark.parametrize("balanced", [True, False])
+def test_schur_complement_solve(x64, shape, balanced):
+    """``_schur_solve`` against a dense solve of the full block system."""
+    from otlab.solvers.sns import _schur_solve
+
+    rng = np.random.default_rng(0)
+    n, m = shape
+    k = rng.uniform(0.1, 1.0, size=shape)
+    dx, dy = k.sum(1), k.sum(0)  # the balanced dual Hessian: singular along (1, -1)
+    if not balanced:
+        dx, dy = dx + 0.3, dy + 0.2
+    full = np.block([[np.diag(dx), k], [k.T, np.diag(dy)]])
+    gx, gy = rng.normal(size=n), rng.normal(size=m)
+    if balanced:  # a right-hand side in the range: orthogonal to (1, -1)
+        t = (gx.sum() - gy.sum()) / (n + m)
+        gx, gy = gx - t, gy + t
+    gauge = float(np.mean(dx)) if balanced else 0.0
+    x, y = _schur_solve(*(jnp.asarray(v) for v in (k, dx, dy, gx, gy)), gauge)
+    z = np.concatenate([x, y])
+    np.testing.assert_allclose(full @ z, np.concatenate([gx, gy]), rtol=0, atol=1e-10)
+    if not balanced:
+        np.testing.assert_allclose(z, np.linalg.solve(full, np.concatenate([gx, gy])), atol=1e-10)
+
+
 @pytest.mark.parametrize("eps", [1e-2, 3e-3])
 def test_random_cost_matches_sinkhorn(x64, eps):
     c = jnp.asarray(_uniform_cost(N_RAND, seed=1))
@@ -335,6 +379,7 @@ _C = np.random.default_rng(0).uniform(size=(6, 5))
         (dict(implicit_diff=None), "implicit_diff"),
         (dict(max_iter=0), "max_iter"),
         (dict(cg_max_iter=0), "cg_max_iter"),
+        (dict(direct_max=-1), "direct_max"),
         (dict(tol=-1e-9), "tol"),
         (dict(epsilon=0.0), "epsilon"),
         (dict(epsilon=-1.0), "epsilon"),

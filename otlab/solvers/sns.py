@@ -110,14 +110,37 @@ def _pcg(matvec, rhs, diag, tol, max_iter):
     return x, k
 
 
-def _newton_direction(problem: _dual.Problem, geom, s: _State, ga, gb, *, bins, cg_max_iter):
-    """Solve ``(H~ + mu I) d = G`` on a ``bins``-per-row sketch of ``P``."""
+def _schur_solve(k: Array, dx: Array, dy: Array, gx: Array, gy: Array, gauge: Array):
+    """Solve ``[[diag(dx), K], [K^T, diag(dy)]] (x, y) = (gx, gy)`` directly.
+
+    Eliminates the larger block and factorises the Schur complement of the smaller
+    one, ``diag(dy) - K^T diag(1/dx) K`` (one GEMM and one Cholesky,
+    ``O(n m min(n, m))``). ``gauge`` (``> 0`` for balanced problems) adds
+    ``gauge / m * 1 1^T`` to it: the Schur complement of the balanced dual Hessian
+    is singular along ``1`` (the ``(1, -1)`` direction of the full system) and the
+    right-hand side is orthogonal to it, so the term fixes the gauge without
+    changing the step.
+    """
+    if k.shape[0] < k.shape[1]:
+        y, x = _schur_solve(k.T, dy, dx, gy, gx, gauge)
+        return x, y
+    q = k * jax.lax.rsqrt(dx)[:, None]
+    s = jnp.diag(dy) - q.T @ q + gauge / k.shape[1]
+    rhs = gy - (gx / dx) @ k
+    chol = jnp.linalg.cholesky(s)
+    y = jax.scipy.linalg.cho_solve((chol, True), rhs)
+    x = (gx - k @ y) / dx
+    return x, y
+
+
+def _newton_direction(problem: _dual.Problem, geom, s: _State, ga, gb, *, rung, cg_max_iter):
+    """Solve ``(H~ + mu I) d = G``; ``rung`` is ``("sparse", bins)`` (a ``bins``-per-row
+    sketch of ``P``, conjugate gradient), ``("exact", None)`` (the materialised plan,
+    conjugate gradient) or ``("direct", None)`` (the materialised plan, Cholesky)."""
     eps = problem.epsilon
     m = geom.shape[1]
-    if bins is None:  # the full Hessian: products with the materialised plan
-        op = geom.plan_operator(s.f, s.g, eps)
-        off_diag = lambda x, y: (op.matvec(y) / eps, op.rmatvec(x) / eps)  # noqa: E731
-    else:
+    kind, bins = rung
+    if kind == "sparse":
         logv, idx = geom.row_sparsify(s.f, s.g, eps, bins)
         vals = jnp.exp(logv) / eps
 
@@ -125,6 +148,9 @@ def _newton_direction(problem: _dual.Problem, geom, s: _State, ga, gb, *, bins, 
             sy = jnp.sum(vals * y[idx], axis=1)
             sx = jax.ops.segment_sum((vals * x[:, None]).ravel(), idx.ravel(), num_segments=m)
             return sy, sx
+    else:  # the full Hessian: products with the materialised plan
+        op = geom.plan_operator(s.f, s.g, eps)
+        off_diag = lambda x, y: (op.matvec(y) / eps, op.rmatvec(x) / eps)  # noqa: E731
 
     da, db = problem.hessian_diagonal(s.f, s.g, s.row, s.col)
     hbar = 0.5 * (jnp.mean(da) + jnp.mean(db))
@@ -138,10 +164,15 @@ def _newton_direction(problem: _dual.Problem, geom, s: _State, ga, gb, *, bins, 
         hx, hy = hess(z)
         return hx + mu * z[0], hy + mu * z[1]
 
-    # Inexact Newton: forcing term min(0.1, sqrt(relative residual)).
-    rel = s.err / jnp.sum(problem.a)
-    cg_tol = jnp.minimum(0.1, jnp.sqrt(rel))
-    d, cg_iters = _pcg(shifted, (ga, gb), (da + mu, db + mu), cg_tol, cg_max_iter)
+    if kind == "direct":
+        gauge = _dual.is_balanced(problem.tau_a, problem.tau_b) * hbar
+        d = _schur_solve(op.matrix / eps, da + mu, db + mu, ga, gb, gauge)
+        cg_iters = jnp.asarray(0)
+    else:
+        # Inexact Newton: forcing term min(0.1, sqrt(relative residual)).
+        rel = s.err / jnp.sum(problem.a)
+        cg_tol = jnp.minimum(0.1, jnp.sqrt(rel))
+        d, cg_iters = _pcg(shifted, (ga, gb), (da + mu, db + mu), cg_tol, cg_max_iter)
     hd = hess(d)
     pred = jnp.sum(ga * d[0]) + jnp.sum(gb * d[1]) - 0.5 * (
         jnp.sum(d[0] * hd[0]) + jnp.sum(d[1] * hd[1])
@@ -149,8 +180,25 @@ def _newton_direction(problem: _dual.Problem, geom, s: _State, ga, gb, *, bins, 
     return d, pred, cg_iters
 
 
+def _ladder(geom, budgets, dense_rung, direct_max):
+    """The static rungs: sparse sketches, then the exact Hessian by CG, then by
+    Cholesky (dense geometries whose smaller side is at most ``direct_max``)."""
+    n, m = geom.shape
+    if geom.is_online:
+        return tuple(("sparse", min(k, m)) for k in budgets)
+    # A gather/segment-sum product over more than m/8 entries per row costs more
+    # than a dense matrix-vector product: such rungs give way to the exact one.
+    rungs = tuple(("sparse", k) for k in budgets if 8 * k <= m)
+    if dense_rung or not rungs:
+        rungs += (("exact", None),)
+        if min(n, m) <= direct_max:
+            rungs += (("direct", None),)
+    return rungs
+
+
 def _forward(
-    problem: _dual.Problem, init, *, tol, max_iter, warmup, budgets, dense_rung, cg_max_iter
+    problem: _dual.Problem, init, *, tol, max_iter, warmup, budgets, dense_rung, direct_max,
+    cg_max_iter,
 ):
     geom = problem.geom.materialize()
     dtype = problem.a.dtype
@@ -166,23 +214,22 @@ def _forward(
             epsilon_decay=0.9,
             unroll=False,
         )
-    m = geom.shape[1]
-    if geom.is_online:
-        rungs = tuple(min(k, m) for k in budgets)
-    else:
-        # A gather/segment-sum product over more than m/8 entries per row costs more
-        # than a dense matrix-vector product: such rungs give way to the exact one.
-        rungs = tuple(k for k in budgets if 8 * k <= m)
-        if dense_rung or not rungs:
-            rungs = rungs + (None,)  # None: the exact Hessian
+    rungs = _ladder(geom, budgets, dense_rung, direct_max)
+    kinds = [kind for kind, _ in rungs]
+    # Climbing by slowness stops below the Cholesky rung; that rung is reached when
+    # conjugate gradient on the exact Hessian costs more than a factorisation (about
+    # min(n, m) / 10 products, measured on CPU).
+    top_cg = kinds.index("exact") if "exact" in kinds else len(rungs) - 1
+    direct = kinds.index("direct") if "direct" in kinds else -1
+    breakeven = max(20, min(geom.shape) // 10)
     rounding = 100.0 * jnp.finfo(dtype).eps
 
     def body(s: _State) -> _State:
         ga, gb = problem.residual(s.f, s.g, s.row, s.col)
         branches = [
-            functools.partial(_newton_direction, bins=k, cg_max_iter=cg_max_iter) for k in rungs
+            functools.partial(_newton_direction, rung=r, cg_max_iter=cg_max_iter) for r in rungs
         ]
-        d, pred, _ = jax.lax.switch(s.level, branches, problem, geom, s, ga, gb)
+        d, pred, cgi = jax.lax.switch(s.level, branches, problem, geom, s, ga, gb)
         f, g = s.f + d[0], s.g + d[1]
         row, col, obj, na, nb = _evaluate(problem, geom, f, g)
         err = jnp.sum(jnp.abs(na)) + jnp.sum(jnp.abs(nb))
@@ -194,8 +241,13 @@ def _forward(
         good = accept & (~resolvable | (ratio >= 0.75))
         nu = jnp.where(good, s.nu / 4, jnp.where(accept & (ratio >= 0.25), s.nu, 4 * s.nu))
         nu = jnp.clip(nu, 1e-8, 1e8)
-        slow = accept & (err > 0.5 * s.err)
-        level = jnp.where(slow, jnp.minimum(s.level + 1, len(rungs) - 1), s.level)
+        # Slow progress of an accepted, barely damped step (a reduction of |G| by less
+        # than 4x at nu <= 1/16) means the sketch is too crude: climb one rung.
+        slow = accept & (err > 0.25 * s.err) & (s.nu <= 1.0 / 16)
+        level = jnp.where(slow & (s.level < top_cg), s.level + 1, s.level)
+        if direct >= 0:
+            expensive = (s.level == top_cg) & (cgi > breakeven)
+            level = jnp.where(expensive, direct, level)
         pick = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
         err = pick(err, s.err)
         converged = err <= tol
@@ -242,13 +294,14 @@ def _forward(
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "init_fn", "tol", "max_iter", "warmup", "budgets", "dense_rung", "cg_max_iter",
+        "init_fn", "tol", "max_iter", "warmup", "budgets", "dense_rung", "direct_max",
+        "cg_max_iter",
         "implicit_diff",
     ),
 )
 def _sns(
     geom, a, b, epsilon, tau_a, tau_b, init_pair, *, init_fn, tol, max_iter, warmup, budgets,
-    dense_rung, cg_max_iter, implicit_diff,
+    dense_rung, direct_max, cg_max_iter, implicit_diff,
 ):
     epsilon, init_pair = sinkhorn_lib._traced_defaults(geom, a, b, epsilon, init_fn, init_pair)
     if tol is None:
@@ -256,7 +309,7 @@ def _sns(
     problem = _dual.Problem(geom, a, b, epsilon, tau_a, tau_b)
     forward = functools.partial(
         _forward, tol=tol, max_iter=max_iter, warmup=warmup, budgets=budgets,
-        dense_rung=dense_rung, cg_max_iter=cg_max_iter,
+        dense_rung=dense_rung, direct_max=direct_max, cg_max_iter=cg_max_iter,
     )
     return sinkhorn_lib._solve(forward, problem, init_pair, implicit_diff)
 
@@ -274,6 +327,7 @@ def sns(
     warmup: int = 20,
     budgets: tuple[int, ...] = (16, 64, 256),
     dense_rung: bool = True,
+    direct_max: int = 2048,
     cg_max_iter: int = 500,
     init: Init = None,
     implicit_diff: implicit.ImplicitDiff | None = implicit.DEFAULT,
@@ -302,7 +356,12 @@ def sns(
             maxima); the solver climbs it when convergence is slow. Budgets
             ``>= m`` become the exact Hessian.
         dense_rung: static. Append the exact Hessian (products with the
-            materialised plan) as the top rung for dense geometries.
+            materialised plan) as the top rungs for dense geometries: first
+            solved by conjugate gradient, then, once conjugate gradient costs more
+            than a factorisation, by a Cholesky factorisation of its Schur
+            complement.
+        direct_max: static. The Cholesky rung exists when ``min(n, m) <=
+            direct_max`` (its cost grows like ``n m min(n, m)``); ``0`` disables it.
         cg_max_iter: static cap on conjugate-gradient iterations per Newton step.
         init: as in `sinkhorn`.
         implicit_diff: as in `sinkhorn`; ``None`` is not supported
@@ -325,6 +384,8 @@ def sns(
     geom, a, b, epsilon, tau_a, tau_b = _checks.problem(geom, a, b, epsilon, tau_a, tau_b)
     _checks.positive_int(max_iter, "max_iter")
     _checks.positive_int(cg_max_iter, "cg_max_iter")
+    if not isinstance(direct_max, int) or direct_max < 0:
+        raise ValueError(f"`direct_max` must be a non-negative int; got {direct_max!r}.")
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"`warmup` must be a non-negative int; got {warmup!r}.")
     budgets = tuple(budgets) if isinstance(budgets, (tuple, list)) else (budgets,)
@@ -341,5 +402,6 @@ def sns(
         geom, a, b, epsilon, tau_a, tau_b, init_pair,
         init_fn=init_fn, tol=None if tol is None else float(tol), max_iter=int(max_iter),
         warmup=int(warmup), budgets=tuple(int(k) for k in budgets), dense_rung=bool(dense_rung),
+        direct_max=int(direct_max),
         cg_max_iter=int(cg_max_iter), implicit_diff=implicit_diff,
     )

@@ -28,10 +28,14 @@ scaled gradient step, global convergence); the shift also makes ``H~ + mu I``
 definite along the balanced gauge direction ``(1, -1)``.
 
 Adaptive budget: ``budgets`` is a static ladder of kept entries per row. The
-solver starts on the first rung and climbs one rung whenever an accepted step
-reduces ``|G|`` by less than half — the sign that the sparse Hessian is too crude
-for Newton's fast convergence. Each rung is compiled once; ``lax.switch`` runs
-only the current one (under ``vmap`` all rungs run, as for any batched switch).
+solver starts on the first rung and climbs one rung when an accepted, barely damped
+step (``nu <= 1/16``) reduces ``|G|`` by less than 4x — the sign that the sparse
+Hessian is too crude for Newton's fast convergence. Dense geometries end the ladder
+with the exact Hessian, solved first by conjugate gradient and, once that costs more
+than a factorisation (at small epsilon the Hessian is badly conditioned and CG
+stalls), by a Cholesky factorisation of its Schur complement. Each rung is compiled
+once; ``lax.switch`` runs only the current one (under ``vmap`` all rungs run, as for
+any batched switch).
 
 Gradients come from `otlab.implicit`, like every otlab solver.
 """

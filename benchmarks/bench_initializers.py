@@ -24,7 +24,7 @@ one draw's count varies by a factor of two or more between seeds. Times are take
 with the default check every 10 iterations (seed 0 for the subsample columns).
 Every solver, initializer included, is one ``jax.jit``; times are warm, end to end
 (initializer included):
-otlab medians of 3 to 25 interleaved runs (more for short solves), ott-jax medians
+otlab medians of 3 to 100 interleaved runs (more for short solves), ott-jax medians
 of 1 to 9 warm runs (its log-domain iterations are ~10x slower; ratios within a
 library are what to compare).
 
@@ -174,7 +174,7 @@ def _row(kind, d, rel, n, reps, n_seeds):
         res[("otlab", k)] = [0.0, int(st) == 0, 0.0]
     # More repetitions for short solves (a loaded machine jitters by milliseconds).
     t0 = _median_times({"d": lambda: fns["default"](x, y, eps)}, 1)["d"]
-    n_rep = int(np.clip(2.0 / max(t0, 1e-3), reps, 25))
+    n_rep = int(np.clip(2.0 / max(t0, 1e-3), reps, 100))
     times = _median_times({k: (lambda fn=fn: fn(x, y, eps)) for k, fn in fns.items()}, n_rep)
     for k, t in times.items():
         res[("otlab", k)][2] = t
@@ -271,6 +271,13 @@ def _checks(kind, d, rel, res):
             if matched is not None:
                 out[f"{k}: reduction ≥ ott-jax's, update order matched (ott on the transposed "
                     "problem)"] = ours <= matched + 1e-9  # fmt: skip
+                # Counts move by about one iteration, or 1 %, between runs from float32
+                # reduction order alone: closer than that is a tie.
+                base = res[("otlab", "default")][0]
+                out[f"{k}: reduction ≥ ott-jax's, update order matched, ties (within "
+                    "max(1 iteration, 1 %)) counted as equal"] = (
+                    res[("otlab", k)][0] <= matched * base + max(1.0, 0.01 * base)
+                )  # fmt: skip
     if kind == "gauss" and rel >= 1e-2:
         out["gaussian ≥ 2× (paper regime)"] = _ratio(res, "otlab", "gaussian") <= 0.5
     out["auto time ≤ 1.1× default"] = res[("otlab", "auto")][2] <= 1.1 * res[("otlab", "default")][2]

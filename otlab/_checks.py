@@ -109,6 +109,11 @@ def positive_int(value, name: str):
         raise ValueError(f"`{name}` must be a positive int; got {value!r}.")
 
 
+def nonnegative_int(value, name: str):
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative int; got {value!r}.")
+
+
 def problem(geom, a, b, epsilon, tau_a, tau_b):
     """Eager checks shared by every entropic solver's entry point.
 

@@ -117,30 +117,27 @@ class Row:
     solution: object = None  # an otlab OTSolution (None for the reference rows)
 
 
+#: The SNS row: its ``iters`` are Newton steps after 20 warm-up Sinkhorn iterations.
+SNS_LABEL = "otlab sns (Newton steps)"
+
+
 def _otlab_solvers(tol: float, max_iter: int, check_every: int, block_size: int) -> dict:
     """Jitted otlab solvers ``(x, y, eps, tau_a, tau_b) -> OTSolution`` (all traced)."""
     import jax
 
     import otlab
 
-    def make(mode: str, online: bool = False, anneal: bool = False) -> Callable:
+    def make(mode: str, online: bool = False, anneal: bool = False, init=None) -> Callable:
         @jax.jit
         def solve(x, y, eps, tau_a, tau_b):
             geom = otlab.PointCloud(x, y, block_size=block_size if online else None)
             return otlab.sinkhorn(
                 geom, epsilon=eps, tau_a=tau_a, tau_b=tau_b, tol=tol, max_iter=max_iter,
-                check_every=check_every, mode=mode,
+                check_every=check_every, mode=mode, init=init,
                 epsilon_init=20.0 * eps if anneal else None, epsilon_decay=0.7,
             )  # fmt: skip
 
         return solve
-
-    @jax.jit
-    def auto_init(x, y, eps, tau_a, tau_b):
-        return otlab.sinkhorn(
-            otlab.PointCloud(x, y), epsilon=eps, tau_a=tau_a, tau_b=tau_b, tol=tol,
-            max_iter=max_iter, check_every=check_every, init=otlab.initializers.auto,
-        )  # fmt: skip
 
     @jax.jit
     def sns(x, y, eps, tau_a, tau_b):
@@ -153,13 +150,10 @@ def _otlab_solvers(tol: float, max_iter: int, check_every: int, block_size: int)
         "otlab log": make("log"),
         f"otlab online (block {block_size})": make("log", online=True),
         "otlab annealed ε (kernel)": make("kernel", anneal=True),
-        "otlab kernel, init=auto": auto_init,
+        "otlab kernel, init=auto": make("kernel", init=otlab.initializers.auto),
         SNS_LABEL: sns,
     }
 
-
-#: The SNS row: its ``iters`` are Newton steps after 20 warm-up Sinkhorn iterations.
-SNS_LABEL = "otlab sns (Newton steps)"
 
 
 def _ott_solver(tol: float, max_iter: int, check_every: int, tau_a: float, tau_b: float):

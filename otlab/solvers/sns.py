@@ -388,10 +388,8 @@ def sns(
     geom, a, b, epsilon, tau_a, tau_b = _checks.problem(geom, a, b, epsilon, tau_a, tau_b)
     _checks.positive_int(max_iter, "max_iter")
     _checks.positive_int(cg_max_iter, "cg_max_iter")
-    if not isinstance(direct_max, int) or direct_max < 0:
-        raise ValueError(f"`direct_max` must be a non-negative int; got {direct_max!r}.")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"`warmup` must be a non-negative int; got {warmup!r}.")
+    _checks.nonnegative_int(direct_max, "direct_max")
+    _checks.nonnegative_int(warmup, "warmup")
     budgets = tuple(budgets) if isinstance(budgets, (tuple, list)) else (budgets,)
     if not budgets and (geom.is_online or not dense_rung):
         raise ValueError("`budgets` is empty and no dense rung is allowed: nothing to solve with.")

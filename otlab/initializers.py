@@ -101,6 +101,15 @@ def c_transform(geom: Geometries, pot: Array, w: Array, epsilon: Array, axis: in
         w: the weights of the other side (``b`` for ``axis=0``, ``a`` for ``axis=1``).
         epsilon: the entropic regularisation.
         axis: ``0`` or ``1`` as above.
+
+    Example:
+        >>> import jax.numpy as jnp, otlab
+        >>> from otlab.initializers import c_transform
+        >>> geom = otlab.Geometry(jnp.array([[0.0, 1.0], [1.0, 0.0]]))
+        >>> a = b = jnp.array([0.5, 0.5])
+        >>> g = c_transform(geom, jnp.zeros(2), b, 0.1)  # column marginal is now b
+        >>> bool(jnp.allclose(geom.marginals(jnp.zeros(2), g, 0.1)[1], b))
+        True
     """
     n, m = geom.shape
     if axis == 0:
@@ -175,6 +184,15 @@ def gaussian_map(cov_a: Array, cov_b: Array, epsilon: Array | float = 0.0) -> Ar
     between the Gaussians (Janati et al., NeurIPS 2020; Mallasto et al., 2021): the
     plan is Gaussian with cross-covariance ``K = S_a A``, and its quadratic potentials
     have Hessians ``2 (I - A)`` (see :func:`gaussian_potentials`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from otlab.initializers import gaussian_map
+        >>> A = gaussian_map(jnp.eye(2), 4.0 * jnp.eye(2))  # Brenier: scale by 2
+        >>> bool(jnp.allclose(A, 2.0 * jnp.eye(2)))
+        True
+        >>> bool(jnp.all(jnp.diag(gaussian_map(jnp.eye(2), 4.0 * jnp.eye(2), 1.0)) < 2.0))
+        True
     """
     eye = jnp.eye(cov_a.shape[0], dtype=cov_a.dtype)
     s = jnp.asarray(epsilon, cov_a.dtype) / 4.0
@@ -219,6 +237,15 @@ def gaussian(geom: Geometries, a: Array, b: Array, epsilon: Array) -> tuple[Arra
         b: ``(m,)`` target weights.
         epsilon: the entropic regularisation.
 
+    Example:
+        >>> import jax, jax.numpy as jnp, otlab
+        >>> from otlab.initializers import gaussian
+        >>> x = jax.random.normal(jax.random.key(0), (100, 2))
+        >>> a = jnp.full(100, 0.01)
+        >>> f0, g0 = gaussian(otlab.PointCloud(x, 2.0 * x), a, a, 0.1)
+        >>> f0.shape, g0.shape
+        ((100,), (100,))
+
     Raises:
         ValueError: for another geometry or cost.
     """
@@ -248,6 +275,17 @@ def gaussian_potentials(
         a: ``(n,)`` source weights.
         b: ``(m,)`` target weights.
         epsilon: the entropic regularisation (``0``: unregularised).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, otlab
+        >>> from otlab.initializers import gaussian_potentials
+        >>> x = jax.random.normal(jax.random.key(0), (50, 2))
+        >>> y = 2.0 * x + 1.0  # the Monge map of the Gaussian fits, exactly
+        >>> a = jnp.full(50, 0.02)
+        >>> u, v = gaussian_potentials(otlab.PointCloud(x, y), a, a)
+        >>> c = jnp.sum((x - y) ** 2, axis=1)  # u + v = C on the matched pairs
+        >>> bool(jnp.allclose(u + v, c, atol=1e-3 * float(jnp.max(c))))
+        True
     """
     geom = _check_gaussian(geom)
     mean_a, cov_a = _weighted_moments(geom.x, a)
@@ -301,6 +339,15 @@ def sorting_potentials(geom: Geometries, a: Array, b: Array) -> tuple[Array, Arr
         geom: a 1-D :class:`~otlab.PointCloud` (see :func:`sorting`).
         a: ``(n,)`` source weights.
         b: ``(m,)`` target weights (same total mass).
+
+    Example:
+        >>> import jax.numpy as jnp, otlab
+        >>> from otlab.initializers import sorting_potentials
+        >>> x, y = jnp.array([[0.0], [1.0]]), jnp.array([[0.5], [3.0]])
+        >>> a = b = jnp.array([0.5, 0.5])
+        >>> u, v = sorting_potentials(otlab.PointCloud(x, y), a, b)
+        >>> float(a @ u + b @ v)  # = W2^2 = 0.5 * (0.25 + 4)
+        2.125
     """
     geom = _check_sortable(geom)
     x, y = geom.x, geom.y
@@ -336,6 +383,16 @@ def sorting(geom: Geometries, a: Array, b: Array, epsilon: Array) -> tuple[Array
         a: ``(n,)`` source weights.
         b: ``(m,)`` target weights.
         epsilon: the entropic regularisation.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, otlab
+        >>> from otlab.initializers import sorting
+        >>> x = jax.random.uniform(jax.random.key(0), (300, 1))
+        >>> geom = otlab.PointCloud(x, x ** 2)
+        >>> sol0 = otlab.sinkhorn(geom, epsilon=1e-3)
+        >>> sol1 = otlab.sinkhorn(geom, epsilon=1e-3, init=sorting)
+        >>> bool(sol1.n_iter < sol0.n_iter)
+        True
 
     Raises:
         ValueError: for points of dimension ``> 1``, a geometry without points, or
@@ -510,6 +567,14 @@ def auto(geom: Geometries, a: Array, b: Array, epsilon: Array) -> tuple[Array, A
         a: ``(n,)`` source weights.
         b: ``(m,)`` target weights.
         epsilon: the entropic regularisation.
+
+    Example:
+        >>> import jax, otlab
+        >>> x = jax.random.normal(jax.random.key(0), (200, 2))
+        >>> geom = otlab.PointCloud(x, 2.0 * x + 1.0)
+        >>> sol = otlab.sinkhorn(geom, epsilon=0.05, init="auto")  # = init=initializers.auto
+        >>> bool(sol.converged)
+        True
     """
     n, m = geom.shape
     zeros = jnp.zeros((n,), geom.dtype), jnp.zeros((m,), geom.dtype)

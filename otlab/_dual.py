@@ -74,6 +74,31 @@ def gauge_shift(f, g, a, b, tau_a, tau_b):
     return f - t, g + t
 
 
+def translate_start(geom, g, a, b, epsilon, tau_a, tau_b) -> Array:
+    """The constant ``t`` that makes ``g + t`` the best start of an unbalanced Sinkhorn.
+
+    Sinkhorn's first half-step maps ``g + t`` to ``f^(g) - tau_a t`` (``f^`` the
+    half-step from ``g``). Along that line the dual is
+    ``D(t) = const - (tau_a A + (1 - tau_a) S) e^{alpha t} / alpha - B e^{-kappa_b t} / kappa_b``
+    with ``alpha = (1 - tau_a) / eps``, ``S = sum P`` and ``A = sum_i a_i e^{-kappa_a h_{a,i}}``
+    after the half-step, ``B = sum_j b_j e^{-kappa_b h_{b,j}}`` at ``g``. The half-step
+    makes the row marginal exact, so ``A = S`` and the maximiser is
+
+    ``t* = log(B / S) / (alpha + kappa_b)``,
+
+    the translation of Séjourné et al. (2022, translation-invariant Sinkhorn) applied
+    once, to the start. Balanced problems (``alpha + kappa_b = 0``) return ``0``: a
+    constant there is a gauge. Cost: one log-sum-exp pass over the rows.
+    """
+    log_l = geom.lse(jnp.zeros(a.shape, g.dtype), g, epsilon, axis=1)  # L_i = LSE_j (g_j - C_ij)/eps
+    log_s = jax.nn.logsumexp(safe_log(a) + (1.0 - tau_a) * log_l, where=a > 0)
+    k_b = kappa(epsilon, tau_b)
+    log_b = jax.nn.logsumexp(safe_log(b) - k_b * (g - epsilon * safe_log(b)), where=b > 0)
+    rate = (1.0 - tau_a) / epsilon + k_b
+    unbalanced = rate > 0
+    return jnp.where(unbalanced, (log_b - log_s) / jnp.where(unbalanced, rate, 1.0), 0.0)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Problem:

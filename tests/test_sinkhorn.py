@@ -495,6 +495,26 @@ def test_epsilon_annealing_same_solution(mode, x64):
 
 
 @pytest.mark.parametrize("mode", ["kernel", "log"])
+def test_unbalanced_annealing_and_warm_start_same_solution_fewer_iterations(mode, x64):
+    """Unbalanced: each epsilon change re-translates the potentials, and a warm start from a
+    nearby epsilon is translated: both reach the plain run's solution, in fewer
+    iterations (to tol 1e-12: plain 1212, annealed 749, warm 722; without the
+    translations 1277 and 1119)."""
+    p = problems.make("gauss", x64)
+    kw = dict(tau_a=0.99, tau_b=0.99, mode=mode, check_every=1, **TIGHT)
+    plain = otlab.sinkhorn(p.geom, p.a, p.b, epsilon=p.epsilon, **kw)
+    annealed = otlab.sinkhorn(p.geom, p.a, p.b, epsilon=p.epsilon, epsilon_init=10 * p.epsilon, **kw)
+    near = otlab.sinkhorn(p.geom, p.a, p.b, epsilon=1.1 * p.epsilon, **kw)
+    warm = otlab.sinkhorn(p.geom, p.a, p.b, epsilon=p.epsilon, init=(near.f, near.g), **kw)
+    for sol in (annealed, warm):
+        assert bool(sol.converged)
+        np.testing.assert_allclose(sol.f, plain.f, atol=1e-8)
+        np.testing.assert_allclose(sol.g, plain.g, atol=1e-8)
+    assert int(warm.n_iter) < 0.75 * int(plain.n_iter)
+    assert int(annealed.n_iter) < int(plain.n_iter)
+
+
+@pytest.mark.parametrize("mode", ["kernel", "log"])
 @pytest.mark.parametrize("name", ["gauss_weighted", "cost_matrix"])
 def test_warm_start_converges_faster_to_same_solution(name, mode, x64):
     p = problems.make(name, x64)
@@ -524,6 +544,54 @@ def test_callable_init(x64):
     warm = otlab.sinkhorn(p.geom, p.a, p.b, epsilon=p.epsilon, init=init, **TIGHT)
     assert calls and int(warm.n_iter) <= 10
     np.testing.assert_allclose(warm.f, cold.f, atol=1e-9)
+
+
+@pytest.mark.parametrize("taus", [(0.8, 0.9), (1.0, 0.8), (0.7, 1.0), (1.0, 1.0)], ids=str)
+@pytest.mark.parametrize("name", ["gauss_weighted", "cost_matrix"])
+def test_translate_start_maximises_the_half_step_dual(name, taus, x64):
+    """``translate_start``'s ``t`` maximises the dual after the first half-step from
+    ``g0 + t`` (a concave function of ``t``); balanced problems get ``t = 0``."""
+    from otlab import _dual
+
+    p = problems.make(name, x64)
+    tau_a, tau_b = (jnp.asarray(t, jnp.float64) for t in taus)
+    eps = jnp.asarray(p.epsilon, jnp.float64)
+    g0 = jnp.asarray(np.random.default_rng(0).normal(size=p.shape[1]))
+
+    def dual_after_half_step(t):
+        g = g0 + t
+        log_row = p.geom.lse(jnp.zeros(p.shape[0]), g, eps, axis=1)
+        f = eps * jnp.log(p.a) - tau_a * eps * log_row
+        mass = jnp.sum(jnp.exp(p.geom.lse(f, g, eps, axis=1)))
+        return _dual.dual_objective(f, g, p.a, p.b, eps, tau_a, tau_b, mass)
+
+    t = float(_dual.translate_start(p.geom, g0, p.a, p.b, eps, tau_a, tau_b))
+    if taus == (1.0, 1.0):
+        assert t == 0.0
+        return
+    assert abs(t) > 1e-3  # the random start is not already optimal
+    h = 1e-4 * max(1.0, abs(t))
+    slope = (dual_after_half_step(t + h) - dual_after_half_step(t - h)) / (2 * h)
+    assert abs(float(slope)) < 1e-6 * float(jnp.sum(p.a))
+    for d in (-0.5, 0.5, -2.0, 2.0):
+        assert float(dual_after_half_step(t)) > float(dual_after_half_step(t + d))
+
+
+@pytest.mark.parametrize("mode", ["kernel", "log"])
+def test_unbalanced_start_is_translation_invariant(mode, x64):
+    """A constant added to the start of an unbalanced problem is undone before the first
+    iteration: same iteration count, same solution (without the translation, a start
+    off by 20 epsilon took several times as many iterations at tau = 0.99)."""
+    p = problems.make("gauss_weighted", x64)
+    kw = dict(epsilon=p.epsilon, tau_a=0.99, tau_b=0.99, mode=mode, check_every=1, **TIGHT)
+    g0 = jnp.asarray(np.random.default_rng(1).normal(size=p.shape[1]))
+    f0 = jnp.zeros(p.shape[0])
+    base = otlab.sinkhorn(p.geom, p.a, p.b, init=(f0, g0), **kw)
+    off = otlab.sinkhorn(p.geom, p.a, p.b, init=(f0, g0 + 20.0 * p.epsilon), **kw)
+    assert bool(base.converged) and bool(off.converged)
+    assert abs(int(off.n_iter) - int(base.n_iter)) <= 1
+    np.testing.assert_allclose(off.f, base.f, atol=1e-8)
+    np.testing.assert_allclose(off.g, base.g, atol=1e-8)
 
 
 # -------------------------------------------------------------------- divergence

@@ -29,6 +29,10 @@ Two engines run these updates, with identical iterates up to rounding:
     (no row underflows in float32 at small epsilon). The default for dense
     geometries.
 
+For unbalanced problems a given start (``init``) is first shifted by the constant
+that maximises the dual after the first half-step (`otlab._dual.translate_start`; one step of the
+translation-invariant Sinkhorn of Séjourné et al., 2022, applied to the start).
+
 The marginal residual is checked every ``check_every`` iterations (inside a
 ``lax.scan`` block of the ``while_loop``). Gradients come from
 `otlab.implicit` (implicit function theorem), never from unrolling, unless
@@ -88,10 +92,6 @@ class _LogEngine:
         return _LogState(f, g, geom.lse(f, g, eps, 1), geom.lse(f, g, eps, 0), eps)
 
     @staticmethod
-    def set_epsilon(p, geom, s: _LogState, eps):
-        return _LogEngine.init(p, geom, s.f, s.g, eps)
-
-    @staticmethod
     def step(p: _dual.Problem, geom, s: _LogState) -> _LogState:
         eps = s.eps
         f = _half_step(p.a, s.f, s.log_row, eps, p.tau_a)
@@ -143,9 +143,8 @@ class _KernelEngine:
         return s.f_abs + s.eps * s.log_u, s.g_abs + s.eps * s.log_v
 
     @staticmethod
-    def set_epsilon(p, geom, s: _KernelState, eps):
-        f, g = _KernelEngine.potentials(s)
-        return _KernelEngine.absorb(p, geom, f, g, eps)
+    def reabsorb(p, geom, s: _KernelState):
+        return _KernelEngine.absorb(p, geom, *_KernelEngine.potentials(s), s.eps)
 
     @staticmethod
     def _scaling(w, k_marg, pot_abs, eps, tau):
@@ -194,7 +193,7 @@ class _KernelEngine:
             [
                 lambda s: s,
                 lambda s: _KernelEngine._build(p, geom, *_KernelEngine.potentials(s), s.eps),
-                lambda s: _KernelEngine.set_epsilon(p, geom, s, s.eps),
+                lambda s: _KernelEngine.reabsorb(p, geom, s),
             ],
             s,
         )
@@ -212,6 +211,20 @@ class _Loop(NamedTuple):
     done: Array
 
 
+def _translated(problem: _dual.Problem, geom, f, g, eps):
+    """Unbalanced: shift ``(f, g)`` by the constant that maximises the dual after the
+    first half-step (`otlab._dual.translate_start`); balanced problems skip the pass
+    (a ``lax.cond``: a constant is a gauge there)."""
+    t = jax.lax.cond(
+        _dual.is_balanced(problem.tau_a, problem.tau_b) > 0,
+        lambda: jnp.zeros((), f.dtype),
+        lambda: _dual.translate_start(
+            geom, g, problem.a, problem.b, eps, problem.tau_a, problem.tau_b
+        ).astype(f.dtype),
+    )
+    return f - problem.tau_a * t, g + t
+
+
 def _forward(
     problem: _dual.Problem,
     init,
@@ -222,8 +235,14 @@ def _forward(
     check_every: int,
     epsilon_decay: float,
     unroll: bool,
+    translate: bool = False,
 ):
-    """Run Sinkhorn from ``init = (f0, g0, epsilon_init)``; returns ``(f, g, aux)``."""
+    """Run Sinkhorn from ``init = (f0, g0, epsilon_init)``; returns ``(f, g, aux)``.
+
+    ``translate`` (static): shift a given start of an unbalanced problem by the
+    constant of `otlab._dual.translate_start` (not done for the zero start, whose
+    level is already the problem's own: measured, the shift helped data-dependent
+    starts but slowed zeros on some problems)."""
     f0, g0, epsilon_init = init
     geom = problem.geom.materialize()
     engine = _KernelEngine if mode == "kernel" else _LogEngine
@@ -236,13 +255,16 @@ def _forward(
             return eps_target
         return jnp.maximum(eps_target, epsilon_init * epsilon_decay ** k.astype(dtype))
 
+    def new_epsilon(s, eps):
+        # The level of unbalanced potentials depends on epsilon: re-translate.
+        f, g = _translated(problem, geom, *engine.potentials(s), eps)
+        return engine.init(problem, geom, f, g, eps)
+
     def body(loop: _Loop) -> _Loop:
         eps = eps_at(loop.block)
         s = loop.state
         if epsilon_init is not None:  # static: annealing on or off
-            s = jax.lax.cond(
-                eps != s.eps, lambda s: engine.set_epsilon(problem, geom, s, eps), lambda s: s, s
-            )
+            s = jax.lax.cond(eps != s.eps, lambda s: new_epsilon(s, eps), lambda s: s, s)
         s = engine.maybe_absorb(problem, geom, s)
         s, _ = jax.lax.scan(lambda s, _: (engine.step(problem, geom, s), None), s, length=check_every)
         f, g = engine.potentials(s)
@@ -262,7 +284,10 @@ def _forward(
             (~finite) | converged,
         )
 
-    state = engine.init(problem, geom, f0, g0, eps_at(jnp.asarray(0)))
+    eps0 = eps_at(jnp.asarray(0))
+    if translate:
+        f0, g0 = _translated(problem, geom, f0, g0, eps0)
+    state = engine.init(problem, geom, f0, g0, eps0)
     loop = _Loop(
         state,
         jnp.asarray(0),
@@ -350,6 +375,7 @@ def _sinkhorn(
     mode,
     implicit_diff,
 ):
+    translate = init_fn is not None or init_pair is not None
     epsilon, init_pair = _traced_defaults(geom, a, b, epsilon, init_fn, init_pair)
     if mode == "auto":
         mode = "log" if geom.is_online else "kernel"
@@ -365,6 +391,7 @@ def _sinkhorn(
         check_every=check_every,
         epsilon_decay=epsilon_decay,
         unroll=unroll,
+        translate=translate,
     )
     return _solve(forward, problem, (*init_pair, epsilon_init), implicit_diff)
 

@@ -202,7 +202,7 @@ def _ladder(geom, budgets, dense_rung, direct_max):
 
 def _forward(
     problem: _dual.Problem, init, *, tol, max_iter, warmup, budgets, dense_rung, direct_max,
-    cg_max_iter,
+    cg_max_iter, translate=False,
 ):
     geom = problem.geom.materialize()
     dtype = problem.a.dtype
@@ -217,6 +217,7 @@ def _forward(
             check_every=min(warmup, 10),
             epsilon_decay=0.9,
             unroll=False,
+            translate=translate,
         )
     rungs = _ladder(geom, budgets, dense_rung, direct_max)
     kinds = [kind for kind, _ in rungs]
@@ -307,13 +308,14 @@ def _sns(
     geom, a, b, epsilon, tau_a, tau_b, init_pair, *, init_fn, tol, max_iter, warmup, budgets,
     dense_rung, direct_max, cg_max_iter, implicit_diff,
 ):
+    translate = init_fn is not None or init_pair is not None
     epsilon, init_pair = sinkhorn_lib._traced_defaults(geom, a, b, epsilon, init_fn, init_pair)
     if tol is None:
         tol = 1e-9 if geom.dtype == jnp.float64 else 1e-4
     problem = _dual.Problem(geom, a, b, epsilon, tau_a, tau_b)
     forward = functools.partial(
         _forward, tol=tol, max_iter=max_iter, warmup=warmup, budgets=budgets,
-        dense_rung=dense_rung, direct_max=direct_max, cg_max_iter=cg_max_iter,
+        dense_rung=dense_rung, direct_max=direct_max, cg_max_iter=cg_max_iter, translate=translate,
     )
     return sinkhorn_lib._solve(forward, problem, init_pair, implicit_diff)
 

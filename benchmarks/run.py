@@ -23,6 +23,7 @@ import time
 BENCHMARKS: dict[str, str] = {
     "sinkhorn": "benchmarks.bench_sinkhorn",
     "initializers": "benchmarks.bench_initializers",
+    "gaussian_limit": "benchmarks.bench_gaussian_limit",
     "sns": "benchmarks.bench_sns",
 }
 

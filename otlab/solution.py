@@ -73,8 +73,10 @@ class OTSolution:
         n_iter: iterations run.
         marginal_error: L1 norm of the optimality residual (both marginals);
             for a balanced problem, ``|P 1 - a|_1 + |P^T 1 - b|_1``.
-        errors: ``marginal_error`` every ``check_every`` iterations; ``-1`` where
-            not computed.
+        errors: ``marginal_error`` after each block of ``check_every`` iterations
+            (Sinkhorn checks every iteration of its first block and stops there as
+            soon as it converges: ``errors[0]`` is then the error at ``n_iter``);
+            ``-1`` where not computed.
     """
 
     f: Array

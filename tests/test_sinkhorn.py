@@ -532,6 +532,36 @@ def test_warm_start_converges_faster_to_same_solution(name, mode, x64):
     assert int(exact.n_iter) <= 10
 
 
+@pytest.mark.parametrize("mode", ["kernel", "log"])
+def test_first_block_stops_at_convergence(mode, x64):
+    """The first block is checked every iteration: a run that converges within it
+    reports (and runs) the same iterations as with ``check_every=1``, under vmap too;
+    later blocks keep the ``check_every`` granularity."""
+    p = problems.make("gauss_weighted", x64)
+    cold = otlab.sinkhorn(p.geom, p.a, p.b, epsilon=p.epsilon, mode=mode, **TIGHT)
+    kw = dict(epsilon=p.epsilon, mode=mode, tol=1e-6, max_iter=20000)
+    exact = otlab.sinkhorn(p.geom, p.a, p.b, init=(cold.f, cold.g), **kw)
+    assert int(exact.n_iter) == 1 and bool(exact.converged)
+    np.testing.assert_allclose(exact.errors[0], exact.marginal_error)
+    # starts at increasing distance from the answer: counts equal those of check_every=1
+    # where they are below 10, and multiples of 10 above
+    starts = jnp.stack([cold.g + s * jnp.sin(jnp.arange(p.shape[1])) for s in (1e-5, 1e-4, 1.0)])
+    zf = jnp.zeros_like(cold.f)
+
+    def run(g0, check_every=10):
+        sol = otlab.sinkhorn(p.geom, p.a, p.b, init=(zf, g0), check_every=check_every, **kw)
+        return sol.n_iter, sol.f
+
+    counts = [int(run(g0)[0]) for g0 in starts]
+    singles = [int(run(g0, 1)[0]) for g0 in starts]
+    assert counts[0] < 10 and counts[2] > 10, (counts, singles)
+    for c, s in zip(counts, singles, strict=True):
+        assert c == s if s <= 10 else (c % 10 == 0 and s <= c < s + 10)
+    batched_counts, batched_f = jax.vmap(run)(starts)
+    assert [int(c) for c in batched_counts] == counts
+    np.testing.assert_allclose(batched_f[0], run(starts[0])[1], rtol=1e-12, atol=1e-12)
+
+
 def test_callable_init(x64):
     p = problems.make("gauss", x64)
     cold = otlab.sinkhorn(p.geom, p.a, p.b, epsilon=p.epsilon, **TIGHT)

@@ -34,7 +34,9 @@ that maximises the dual after the first half-step (`otlab._dual.translate_start`
 translation-invariant Sinkhorn of Séjourné et al., 2022, applied to the start).
 
 The marginal residual is checked every ``check_every`` iterations (inside a
-``lax.scan`` block of the ``while_loop``). Gradients come from
+``lax.scan`` block of the ``while_loop``), and after every iteration of the first
+block (O(n + m) from the engines' marginals), so that a start that converges within
+it, e.g. a warm start, stops there. Gradients come from
 `otlab.implicit` (implicit function theorem), never from unrolling, unless
 ``implicit_diff=None``.
 """
@@ -205,6 +207,7 @@ class _KernelEngine:
 class _Loop(NamedTuple):
     state: Any
     block: Array  # blocks run
+    iters: Array  # iterations run
     err: Array
     errors: Array
     status: Array
@@ -260,24 +263,52 @@ def _forward(
         f, g = _translated(problem, geom, *engine.potentials(s), eps)
         return engine.init(problem, geom, f, g, eps)
 
-    def body(loop: _Loop) -> _Loop:
+    def check(s, eps):
+        """``(err, finite, converged)`` at state ``s``: O(n + m), from its marginals."""
+        f, g = engine.potentials(s)
+        ra, rb = problem.residual(f, g, *engine.marginals(s))
+        err = jnp.sum(jnp.abs(ra)) + jnp.sum(jnp.abs(rb))
+        finite = jnp.isfinite(err) & jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
+        return err, finite, (err <= tol) & (eps <= eps_target)
+
+    def first_block(s, eps):
+        """The first block, checked after every iteration: a good start (``init``) that
+        converges within it stops there instead of running ``check_every`` iterations.
+        Returns the state and the iterations run (a skipped iteration is a ``lax.cond``
+        no-op; under ``vmap`` it is computed and discarded)."""
+
+        def one(carry, _):
+            s, k, stop = carry
+            s, k = jax.lax.cond(
+                stop, lambda s, k: (s, k), lambda s, k: (engine.step(problem, geom, s), k + 1), s, k
+            )
+            _, finite, converged = check(s, eps)
+            return (s, k, (~finite) | converged), None
+
+        (s, k, _), _ = jax.lax.scan(one, (s, jnp.asarray(0), jnp.asarray(False)), length=check_every)
+        return s, k
+
+    def body(loop: _Loop, first: bool = False) -> _Loop:
         eps = eps_at(loop.block)
         s = loop.state
         if epsilon_init is not None:  # static: annealing on or off
             s = jax.lax.cond(eps != s.eps, lambda s: new_epsilon(s, eps), lambda s: s, s)
         s = engine.maybe_absorb(problem, geom, s)
-        s, _ = jax.lax.scan(lambda s, _: (engine.step(problem, geom, s), None), s, length=check_every)
-        f, g = engine.potentials(s)
-        ra, rb = problem.residual(f, g, *engine.marginals(s))
-        err = jnp.sum(jnp.abs(ra)) + jnp.sum(jnp.abs(rb))
-        finite = jnp.isfinite(err) & jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
-        converged = (err <= tol) & (eps <= eps_target)
+        if first:
+            s, ran = first_block(s, eps)
+        else:
+            s, _ = jax.lax.scan(
+                lambda s, _: (engine.step(problem, geom, s), None), s, length=check_every
+            )
+            ran = check_every
+        err, finite, converged = check(s, eps)
         status = jnp.where(
             ~finite, Status.NONFINITE, jnp.where(converged, Status.SUCCESS, Status.MAX_ITER)
         )
         return _Loop(
             s,
             loop.block + 1,
+            loop.iters + ran,
             err,
             loop.errors.at[loop.block].set(err),
             status.astype(jnp.int32),
@@ -291,22 +322,25 @@ def _forward(
     loop = _Loop(
         state,
         jnp.asarray(0),
+        jnp.asarray(0),
         jnp.asarray(jnp.inf, dtype),
         jnp.full((n_blocks,), -1.0, dtype),
         jnp.asarray(Status.MAX_ITER, jnp.int32),
         jnp.asarray(False),
     )
+    loop = body(loop, first=True)
     if unroll:
         # A fixed-length scan (reverse-differentiable); blocks after the stop are no-ops.
         def scan_body(loop, _):
             new = body(loop)
             return jax.tree.map(lambda x, y: jnp.where(loop.done, x, y), loop, new), None
 
-        loop, _ = jax.lax.scan(scan_body, loop, length=n_blocks)
+        if n_blocks > 1:
+            loop, _ = jax.lax.scan(scan_body, loop, length=n_blocks - 1)
     else:
         loop = jax.lax.while_loop(lambda lp: (~lp.done) & (lp.block < n_blocks), body, loop)
     f, g = engine.potentials(loop.state)
-    return f, g, (loop.status, loop.block * check_every, loop.err, loop.errors)
+    return f, g, (loop.status, loop.iters, loop.err, loop.errors)
 
 
 # ----------------------------------------------------------------------- public API

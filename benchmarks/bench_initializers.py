@@ -21,7 +21,9 @@ would round every count up to a multiple of 10 and hide any gain on rows that
 converge within the first 10. The subsample columns are the mean count over the
 seeds ``0 .. N_SEEDS - 1`` (otlab ``Subsample(seed=s)``, ott-jax ``rng=jax.random.key(s)``):
 one draw's count varies by a factor of two or more between seeds. Times are taken
-with the default check every 10 iterations (seed 0 for the subsample columns).
+with the default check every 10 iterations (seed 0 for the subsample columns); otlab
+checks every iteration of its first block, so its runs that converge within 10
+iterations stop there.
 Every solver, initializer included, is one ``jax.jit``; times are warm, end to end
 (initializer included):
 otlab medians of 3 to 100 interleaved runs (more for short solves), ott-jax medians

@@ -23,7 +23,7 @@ import time
 BENCHMARKS: dict[str, str] = {
     "sinkhorn": "benchmarks.bench_sinkhorn",
     "initializers": "benchmarks.bench_initializers",
-    "gaussian_limit": "benchmarks.bench_gaussian_limit",
+    "init_diagnostics": "benchmarks.bench_init_diagnostics",
     "sns": "benchmarks.bench_sns",
 }
 

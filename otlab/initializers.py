@@ -528,13 +528,8 @@ def _applicable(geom):
 
 
 def _half_step_dual(geom, g: Array, a: Array, b: Array, epsilon: Array) -> Array:
-    """Dual objective after Sinkhorn's first half-step from ``g`` (``f`` = its c-transform).
-
-    With ``f`` the soft c-transform of ``g``, ``sum(P) = sum(a)`` and the balanced dual
-    is ``<a, f - eps log a> + <b, g - eps log b> + eps (sum a sum b - sum a)``.
-    """
-    f = c_transform(geom, g, a, epsilon, axis=1)
-    return _dual.dual_objective(f, g, a, b, epsilon, 1.0, 1.0, jnp.sum(a))
+    """Balanced dual objective after Sinkhorn's first half-step from ``g`` (one pass)."""
+    return _dual.half_step_dual(g, _dual.half_step_lse(geom, g, epsilon), a, b, epsilon, 1.0, 1.0)
 
 
 #: ``epsilon / (weighted mean cost)`` below which :func:`auto` checks its candidate.

@@ -494,6 +494,26 @@ def test_epsilon_annealing_same_solution(mode, x64):
     assert int(annealed.n_iter) >= 370
 
 
+def test_unbalanced_start_worse_than_zeros_on_the_dual_is_dropped(x64):
+    """Under strong relaxation a balanced-problem start can lose to zeros; the solver
+    compares the two on the half-step dual and keeps zeros then (same run as zeros)."""
+    import otlab.initializers as inits
+
+    p = problems.make("gauss", x64)
+    kw = dict(epsilon=p.epsilon, check_every=1, **TIGHT)
+    f0, g0 = inits.gaussian(p.geom, p.a, p.b, p.epsilon)
+    bad = (f0, 5.0 * g0)  # the right potential, badly scaled
+    for tau in (0.9, 0.5):
+        zeros = otlab.sinkhorn(p.geom, p.a, p.b, tau_a=tau, tau_b=tau, **kw)
+        dropped = otlab.sinkhorn(p.geom, p.a, p.b, tau_a=tau, tau_b=tau, init=bad, **kw)
+        assert int(dropped.n_iter) == int(zeros.n_iter)
+        np.testing.assert_allclose(dropped.f, zeros.f, atol=1e-10)
+    # a good start is kept (fewer iterations than zeros)
+    good = otlab.sinkhorn(p.geom, p.a, p.b, tau_a=0.99, tau_b=0.99, init=inits.gaussian, **kw)
+    zeros = otlab.sinkhorn(p.geom, p.a, p.b, tau_a=0.99, tau_b=0.99, **kw)
+    assert int(good.n_iter) < int(zeros.n_iter)
+
+
 @pytest.mark.parametrize("mode", ["kernel", "log"])
 def test_unbalanced_annealing_and_warm_start_same_solution_fewer_iterations(mode, x64):
     """Unbalanced: each epsilon change re-translates the potentials, and a warm start from a
@@ -595,7 +615,12 @@ def test_translate_start_maximises_the_half_step_dual(name, taus, x64):
         mass = jnp.sum(jnp.exp(p.geom.lse(f, g, eps, axis=1)))
         return _dual.dual_objective(f, g, p.a, p.b, eps, tau_a, tau_b, mass)
 
-    t = float(_dual.translate_start(p.geom, g0, p.a, p.b, eps, tau_a, tau_b))
+    log_l = _dual.half_step_lse(p.geom, g0, eps)
+    t = float(_dual.translate_start(g0, log_l, p.a, p.b, eps, tau_a, tau_b))
+    # the O(n + m) half-step dual used by the solver equals the explicit one
+    for s in (0.0, t, 1.0):
+        fast = _dual.half_step_dual(g0 + s, log_l + s / eps, p.a, p.b, eps, tau_a, tau_b)
+        np.testing.assert_allclose(fast, dual_after_half_step(s), rtol=1e-10, atol=1e-12)
     if taus == (1.0, 1.0):
         assert t == 0.0
         return
@@ -646,6 +671,22 @@ def test_sinkhorn_divergence(x64):
 
     expected = ot(x, y, a, b) - 0.5 * (ot(x, x, a, a) + ot(y, y, b, b))
     np.testing.assert_allclose(xy, expected, rtol=1e-7)
+    # an initializer changes the iterations of the three problems, not the value
+    # (``calls`` records the shapes it was called with: once per problem)
+    import otlab.initializers as inits
+
+    calls = []
+
+    def gaussian(geom, a, b, eps):
+        calls.append(geom.shape)
+        return inits.gaussian(geom, a, b, eps)
+
+    for init in ("auto", gaussian):
+        np.testing.assert_allclose(otlab.sinkhorn_divergence(x, y, a, b, init=init, **opts), xy,
+                                   rtol=1e-7)
+    assert sorted(calls) == sorted([p.shape, (p.shape[0],) * 2, (p.shape[1],) * 2])
+    with pytest.raises(ValueError, match="each of the three problems"):
+        otlab.sinkhorn_divergence(x, y, a, b, init=(jnp.zeros(len(a)), jnp.zeros(len(b))))
 
 
 def test_sinkhorn_divergence_float32_small():

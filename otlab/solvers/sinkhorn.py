@@ -90,8 +90,10 @@ def _half_step(w, pot, log_marg, eps, tau):
 
 class _LogEngine:
     @staticmethod
-    def init(p: _dual.Problem, geom, f, g, eps):
-        return _LogState(f, g, geom.lse(f, g, eps, 1), geom.lse(f, g, eps, 0), eps)
+    def init(p: _dual.Problem, geom, f, g, eps, log_row=None):
+        """``log_row``: ``geom.lse(f, g, eps, 1)`` if the caller has it (saves a pass)."""
+        log_row = geom.lse(f, g, eps, 1) if log_row is None else log_row
+        return _LogState(f, g, log_row, geom.lse(f, g, eps, 0), eps)
 
     @staticmethod
     def step(p: _dual.Problem, geom, s: _LogState) -> _LogState:
@@ -131,10 +133,11 @@ class _KernelEngine:
         return _KernelState(f, g, zf, zg, kv, ku, op, eps, jnp.asarray(False))
 
     @staticmethod
-    def absorb(p: _dual.Problem, geom, f, g, eps) -> _KernelState:
+    def absorb(p: _dual.Problem, geom, f, g, eps, log_row=None) -> _KernelState:
         """Safe absorption: one log-domain iteration first (rows, then columns, carry
         mass, so no row or column of ``K~`` underflows), then the kernel."""
-        f = _half_step(p.a, f, geom.lse(f, g, eps, 1), eps, p.tau_a)
+        log_row = geom.lse(f, g, eps, 1) if log_row is None else log_row
+        f = _half_step(p.a, f, log_row, eps, p.tau_a)
         g = _half_step(p.b, g, geom.lse(f, g, eps, 0), eps, p.tau_b)
         return _KernelEngine._build(p, geom, f, g, eps)
 
@@ -238,25 +241,34 @@ def _translated(problem: _dual.Problem, geom, f, g, eps):
 
 
 def _unbalanced_start(problem: _dual.Problem, geom, f, g, eps):
-    """A given start of an unbalanced problem: translated (`_translated`), then kept only
-    if the dual after the first half-step from it is at least that from zeros (two
-    passes). A start built for the balanced problem has the wrong shape under strong
+    """A given start: for an unbalanced problem, translated (`_translated`), then kept
+    only if the dual after the first half-step from it is at least that from zeros.
+
+    A start built for the balanced problem can have the wrong shape under strong
     relaxation (measured: 2-D Gaussian start, tau = 0.9, 51 iterations against 40 from
-    zeros), and the dual flags it (as ``initializers.auto``'s safeguard does)."""
+    zeros), and the dual flags it (as ``initializers.auto``'s safeguard does). Returns
+    ``(f, g, log_row)`` with ``log_row = geom.lse(f, g, eps, 1)``, which the engines'
+    first half-step reuses: the translation is then free and the comparison costs one
+    pass (the zero start's). Balanced problems only compute ``log_row``.
+    """
     p = problem
+
+    def balanced(f, g):
+        return f, g, geom.lse(f, g, eps, 1)
 
     def choose(f, g):
         log_l = _dual.half_step_lse(geom, g, eps)
         t = _dual.translate_start(g, log_l, p.a, p.b, eps, p.tau_a, p.tau_b).astype(g.dtype)
-        d_start = _dual.half_step_dual(g + t, log_l + t / eps, p.a, p.b, eps, p.tau_a, p.tau_b)
+        g, log_l, f = g + t, log_l + t / eps, f - p.tau_a * t
+        d_start = _dual.half_step_dual(g, log_l, p.a, p.b, eps, p.tau_a, p.tau_b)
         zeros = jnp.zeros_like(g)
-        d_zeros = _dual.half_step_dual(
-            zeros, _dual.half_step_lse(geom, zeros, eps), p.a, p.b, eps, p.tau_a, p.tau_b
-        )
+        log_l0 = _dual.half_step_lse(geom, zeros, eps)
+        d_zeros = _dual.half_step_dual(zeros, log_l0, p.a, p.b, eps, p.tau_a, p.tau_b)
         keep = d_start >= d_zeros
-        return jnp.where(keep, f - p.tau_a * t, 0.0), jnp.where(keep, g + t, 0.0)
+        f = jnp.where(keep, f, 0.0)
+        return f, jnp.where(keep, g, 0.0), f / eps + jnp.where(keep, log_l, log_l0)
 
-    return _unbalanced(problem, choose, f, g, eps)
+    return jax.lax.cond(_dual.is_balanced(p.tau_a, p.tau_b) > 0, balanced, choose, f, g)
 
 
 def _forward(
@@ -348,9 +360,10 @@ def _forward(
         )
 
     eps0 = eps_at(jnp.asarray(0))
+    log_row = None
     if translate:
-        f0, g0 = _unbalanced_start(problem, geom, f0, g0, eps0)
-    state = engine.init(problem, geom, f0, g0, eps0)
+        f0, g0, log_row = _unbalanced_start(problem, geom, f0, g0, eps0)
+    state = engine.init(problem, geom, f0, g0, eps0, log_row)
     loop = _Loop(
         state,
         jnp.asarray(0),

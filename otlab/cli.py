@@ -155,7 +155,6 @@ def _otlab_solvers(tol: float, max_iter: int, check_every: int, block_size: int)
     }
 
 
-
 def _ott_solver(tol: float, max_iter: int, check_every: int, tau_a: float, tau_b: float):
     """ott-jax's (log-domain) Sinkhorn, jitted; taus are static for ott-jax."""
     import jax

@@ -217,58 +217,44 @@ class _Loop(NamedTuple):
     done: Array
 
 
-def _unbalanced(problem: _dual.Problem, branch, f, g, eps):
-    """``branch(f, g)`` for unbalanced problems; balanced ones skip it (a ``lax.cond``)."""
-    return jax.lax.cond(
-        _dual.is_balanced(problem.tau_a, problem.tau_b) > 0,
-        lambda f, g: (f, g),
-        branch,
-        f,
-        g,
-    )
+def _translation(p: _dual.Problem, geom, f, g, eps):
+    """``(f - tau_a t, g + t, L)``: the start shifted by the constant of
+    `otlab._dual.translate_start`, and ``L = half_step_lse`` of the shifted ``g`` (one pass)."""
+    log_l = _dual.half_step_lse(geom, g, eps)
+    t = _dual.translate_start(g, log_l, p.a, p.b, eps, p.tau_a, p.tau_b).astype(g.dtype)
+    return f - p.tau_a * t, g + t, log_l + t / eps
 
 
-def _translated(problem: _dual.Problem, geom, f, g, eps):
-    """Shift ``(f, g)`` of an unbalanced problem by the constant that maximises the dual
-    after the first half-step (`otlab._dual.translate_start`; one pass)."""
-
-    def shift(f, g):
-        log_l = _dual.half_step_lse(geom, g, eps)
-        t = _dual.translate_start(g, log_l, problem.a, problem.b, eps, problem.tau_a, problem.tau_b)
-        return f - problem.tau_a * t.astype(f.dtype), g + t.astype(g.dtype)
-
-    return _unbalanced(problem, shift, f, g, eps)
-
-
-def _unbalanced_start(problem: _dual.Problem, geom, f, g, eps):
-    """A given start: for an unbalanced problem, translated (`_translated`), then kept
-    only if the dual after the first half-step from it is at least that from zeros.
+def _unbalanced_start(problem: _dual.Problem, geom, f, g, eps, check: bool):
+    """``(f, g, log_row)`` to start an engine from: for an unbalanced problem, ``(f, g)``
+    shifted by `_translation`, and with ``check``, kept only if the dual after the first
+    half-step from it is at least that from zeros; ``log_row = geom.lse(f, g, eps, 1)``,
+    which the engines' first half-step reuses (so the shift is free; the check costs one
+    pass, the zero start's). Balanced problems only compute ``log_row`` (a ``lax.cond``:
+    a constant is a gauge there).
 
     A start built for the balanced problem can have the wrong shape under strong
     relaxation (measured: 2-D Gaussian start, tau = 0.9, 51 iterations against 40 from
-    zeros), and the dual flags it (as ``initializers.auto``'s safeguard does). Returns
-    ``(f, g, log_row)`` with ``log_row = geom.lse(f, g, eps, 1)``, which the engines'
-    first half-step reuses: the translation is then free and the comparison costs one
-    pass (the zero start's). Balanced problems only compute ``log_row``.
+    zeros), and the dual flags it (as ``initializers.auto``'s safeguard does).
     """
     p = problem
 
     def balanced(f, g):
         return f, g, geom.lse(f, g, eps, 1)
 
-    def choose(f, g):
-        log_l = _dual.half_step_lse(geom, g, eps)
-        t = _dual.translate_start(g, log_l, p.a, p.b, eps, p.tau_a, p.tau_b).astype(g.dtype)
-        g, log_l, f = g + t, log_l + t / eps, f - p.tau_a * t
-        d_start = _dual.half_step_dual(g, log_l, p.a, p.b, eps, p.tau_a, p.tau_b)
-        zeros = jnp.zeros_like(g)
-        log_l0 = _dual.half_step_lse(geom, zeros, eps)
-        d_zeros = _dual.half_step_dual(zeros, log_l0, p.a, p.b, eps, p.tau_a, p.tau_b)
-        keep = d_start >= d_zeros
-        f = jnp.where(keep, f, 0.0)
-        return f, jnp.where(keep, g, 0.0), f / eps + jnp.where(keep, log_l, log_l0)
+    def unbalanced(f, g):
+        f, g, log_l = _translation(p, geom, f, g, eps)
+        if check:
+            d_start = _dual.half_step_dual(g, log_l, p.a, p.b, eps, p.tau_a, p.tau_b)
+            zeros = jnp.zeros_like(g)
+            log_l0 = _dual.half_step_lse(geom, zeros, eps)
+            d_zeros = _dual.half_step_dual(zeros, log_l0, p.a, p.b, eps, p.tau_a, p.tau_b)
+            keep = d_start >= d_zeros
+            f, g = jnp.where(keep, f, 0.0), jnp.where(keep, g, 0.0)
+            log_l = jnp.where(keep, log_l, log_l0)
+        return f, g, f / eps + log_l
 
-    return jax.lax.cond(_dual.is_balanced(p.tau_a, p.tau_b) > 0, balanced, choose, f, g)
+    return jax.lax.cond(_dual.is_balanced(p.tau_a, p.tau_b) > 0, balanced, unbalanced, f, g)
 
 
 def _forward(
@@ -304,8 +290,8 @@ def _forward(
 
     def new_epsilon(s, eps):
         # The level of unbalanced potentials depends on epsilon: re-translate.
-        f, g = _translated(problem, geom, *engine.potentials(s), eps)
-        return engine.init(problem, geom, f, g, eps)
+        f, g, log_row = _unbalanced_start(problem, geom, *engine.potentials(s), eps, check=False)
+        return engine.init(problem, geom, f, g, eps, log_row)
 
     def check(s, eps):
         """``(err, finite, converged)`` at state ``s``: O(n + m), from its marginals."""
@@ -329,7 +315,8 @@ def _forward(
             _, finite, converged = check(s, eps)
             return (s, k, (~finite) | converged), None
 
-        (s, k, _), _ = jax.lax.scan(one, (s, jnp.asarray(0), jnp.asarray(False)), length=check_every)
+        carry = (s, jnp.asarray(0), jnp.asarray(False))
+        (s, k, _), _ = jax.lax.scan(one, carry, length=check_every)
         return s, k
 
     def body(loop: _Loop, first: bool = False) -> _Loop:
@@ -362,7 +349,7 @@ def _forward(
     eps0 = eps_at(jnp.asarray(0))
     log_row = None
     if translate:
-        f0, g0, log_row = _unbalanced_start(problem, geom, f0, g0, eps0)
+        f0, g0, log_row = _unbalanced_start(problem, geom, f0, g0, eps0, check=True)
     state = engine.init(problem, geom, f0, g0, eps0, log_row)
     loop = _Loop(
         state,

@@ -120,15 +120,17 @@ def _binned_max(z: Array, bins: int) -> tuple[Array, Array]:
 def _map_blocks(fn, block_size: int, args: tuple) -> Any:
     """Apply ``fn`` to consecutive row blocks of ``args`` (same leading size).
 
-    Pads to a multiple of ``block_size``, runs a rematerialised ``lax.map`` and
-    trims: peak memory is that of one block, forward and backward.
+    Pads to a multiple of ``block_size`` (repeating the last row: padded points
+    stay inside the cloud, which the centred costs of `otlab.costs` rely on), runs
+    a rematerialised ``lax.map`` and trims: peak memory is that of one block,
+    forward and backward.
     """
     n = args[0].shape[0]
     nb = -(-n // block_size)
     pad = nb * block_size - n
 
     def split(x):
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
         return x.reshape((nb, block_size) + x.shape[1:])
 
     out = jax.lax.map(jax.checkpoint(lambda blk: fn(*blk)), tuple(split(x) for x in args))

@@ -150,3 +150,36 @@ class OTSolution:
         return _dual.dual_objective(
             self.f, self.g, self.a, self.b, self.epsilon, self.tau_a, self.tau_b, mass
         )
+
+
+def build(problem: _dual.Problem, f, g, status, n_iter, errors, tol: float) -> OTSolution:
+    """The `OTSolution` of a solver's returned potentials: the one place where every
+    solver's answer is finished and its status decided.
+
+    `otlab._dual.complete` sets the potentials at zero-weight points to their
+    c-transforms and re-evaluates the marginal error of the returned ``(f, g)`` in
+    the log domain (two passes). ``SUCCESS`` then means exactly that this
+    re-evaluated error is ``<= tol``: a solver's ``SUCCESS`` whose answer fails
+    the check becomes ``MAX_ITER``, a ``MAX_ITER`` whose answer passes it becomes
+    ``SUCCESS``; ``NONFINITE`` and ``INFEASIBLE`` are kept, and non-finite
+    potentials are ``NONFINITE``.
+
+    Args:
+        problem: the `otlab._dual.Problem` solved.
+        f: ``(n,)`` potentials from the solver (differentiable: `otlab.implicit`).
+        g: ``(m,)`` potentials.
+        status: the solver's `Status` code.
+        n_iter: iterations run.
+        errors: the solver's error history.
+        tol: the tolerance the solver was asked for (static).
+    """
+    p = problem
+    f, g, err = _dual.complete(p, f, g)
+    checked = jnp.where(err <= tol, Status.SUCCESS, Status.MAX_ITER)
+    status = jnp.where((status == Status.SUCCESS) | (status == Status.MAX_ITER), checked, status)
+    finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
+    status = jnp.where(finite, status, Status.NONFINITE).astype(jnp.int32)
+    return OTSolution(
+        f, g, p.geom, p.a, p.b, p.epsilon, p.tau_a, p.tau_b, status, n_iter,
+        jax.lax.stop_gradient(err), errors,
+    )

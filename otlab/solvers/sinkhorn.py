@@ -49,7 +49,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from otlab import _checks, _dual, implicit
+from otlab import _checks, _dual, implicit, solution
 from otlab._checks import Init
 from otlab.costs import CostLike
 from otlab.geometry import GeometryLike
@@ -387,14 +387,13 @@ def _traced_defaults(geom, a, b, epsilon, init_fn, init_pair):
     return epsilon, init_pair
 
 
-def _solve(forward, problem: _dual.Problem, init, implicit_diff) -> OTSolution:
-    """Run a solver's ``forward`` through `otlab.implicit` and pack the solution."""
-    f, g, (status, n_iter, err, errors) = implicit.solve(forward, problem, init, implicit_diff)
+def _solve(forward, problem: _dual.Problem, init, implicit_diff, tol: float) -> OTSolution:
+    """Run a solver's ``forward`` through `otlab.implicit` and pack the solution
+    (`otlab.solution.build`: zero-weight potentials and the final log-domain check)."""
+    f, g, (status, n_iter, _, errors) = implicit.solve(forward, problem, init, implicit_diff)
     p = problem
     status = _runtime_status(status, f, g, p.a, p.b, p.epsilon, p.tau_a, p.tau_b)
-    return OTSolution(
-        f, g, p.geom, p.a, p.b, p.epsilon, p.tau_a, p.tau_b, status, n_iter, err, errors
-    )
+    return solution.build(problem, f, g, status, n_iter, errors, tol)
 
 
 def _runtime_status(status, f, g, a, b, epsilon, tau_a, tau_b):
@@ -459,7 +458,7 @@ def _sinkhorn(
         unroll=unroll,
         translate=translate,
     )
-    return _solve(forward, problem, (*init_pair, epsilon_init), implicit_diff)
+    return _solve(forward, problem, (*init_pair, epsilon_init), implicit_diff, tol)
 
 
 def sinkhorn(

@@ -301,6 +301,24 @@ def _forward(
         finite = jnp.isfinite(err) & jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
         return err, finite, (err <= tol) & (eps <= eps_target)
 
+    def verify(s, eps, err, converged):
+        """Kernel engine: its marginals come from the scaled kernel and can miss the
+        true error when the potentials are large (rounding of ``K~``). A block that
+        looks converged is re-checked in the log domain (two passes, once per solve
+        as a rule: a ``lax.cond``); if the check fails, the kernel is rebuilt safely
+        before the next block and the loop goes on."""
+
+        def log_error(s):
+            f, g = engine.potentials(s)
+            row = jnp.exp(geom.lse(f, g, eps, 1))
+            col = jnp.exp(geom.lse(f, g, eps, 0))
+            ra, rb = problem.residual(f, g, row, col)
+            return (jnp.sum(jnp.abs(ra)) + jnp.sum(jnp.abs(rb))).astype(err.dtype)
+
+        err = jax.lax.cond(converged, log_error, lambda s: err, s)
+        ok = err <= tol
+        return s._replace(stale=s.stale | (converged & ~ok)), err, converged & ok
+
     def first_block(s, eps):
         """The first block, checked after every iteration: a good start (``init``) that
         converges within it stops there instead of running ``check_every`` iterations.
@@ -333,6 +351,8 @@ def _forward(
             )
             ran = check_every
         err, finite, converged = check(s, eps)
+        if mode == "kernel":
+            s, err, converged = verify(s, eps, err, converged)
         status = jnp.where(
             ~finite, Status.NONFINITE, jnp.where(converged, Status.SUCCESS, Status.MAX_ITER)
         )
@@ -571,12 +591,24 @@ def sinkhorn_divergence(
     check_every: int = 10,
     mode: str = "auto",
     init: Init = None,
-) -> Array:
+    with_status: bool = False,
+) -> Array | tuple[Array, Array]:
     """Debiased Sinkhorn divergence ``OT(a, b) - (OT(a, a) + OT(b, b)) / 2``.
 
     Non-negative, zero iff the measures coincide, and a smooth, convex surrogate
     of ``W_p^p`` (Feydy et al., 2019). All three problems use the same epsilon
     (default ``0.05 *`` the mean cost between ``x`` and ``y``).
+
+    The value is NaN unless all three solves converged (``status == SUCCESS``,
+    see `otlab.OTSolution.converged`), under ``jit`` too: a loss built on it never
+    silently uses an unconverged value, and its gradient is then zero, not the
+    garbage gradient of an unconverged solve. ``with_status=True`` also returns
+    the worst of the three status codes. Rounding can make the debiased sum
+    slightly negative for nearly equal measures; it is clipped at zero. As
+    ``epsilon -> inf`` every plan tends to the product measure and the divergence
+    to ``<C, ab> - (<C, aa> + <C, bb>) / 2`` (for the squared Euclidean cost,
+    ``|mean(x) - mean(y)|^2``); `OTSolution.reg_cost` is evaluated in primal form
+    there, so huge epsilons give that limit instead of rounding noise.
 
     Args:
         x: ``(n, d)`` source points.
@@ -593,17 +625,27 @@ def sinkhorn_divergence(
         init: ``None``, ``"auto"`` or an initializer ``init(geom, a, b, epsilon)``
             (`otlab.initializers`), applied to each of the three problems; a
             precomputed pair cannot serve all three and raises ``ValueError``.
+        with_status: static. Return ``(divergence, status)``, ``status`` the
+            largest (worst) of the three solves' `otlab.Status` codes.
+
+    Returns:
+        The divergence (a scalar, NaN unless the three solves converged), or
+        ``(divergence, status)`` with ``with_status=True``.
 
     Example:
-        >>> import jax, otlab
+        >>> import jax, jax.numpy as jnp, otlab
         >>> x = jax.random.normal(jax.random.key(0), (100, 2))
         >>> float(otlab.sinkhorn_divergence(x, x, epsilon=0.1)) < 1e-4
         True
         >>> y = 2.0 * x + 1.0
-        >>> d0 = otlab.sinkhorn_divergence(x, y, epsilon=0.1)
-        >>> d1 = otlab.sinkhorn_divergence(x, y, epsilon=0.1, init="auto")
+        >>> d0 = otlab.sinkhorn_divergence(x, y, epsilon=0.2)
+        >>> d1 = otlab.sinkhorn_divergence(x, y, epsilon=0.2, init="auto")
         >>> bool(abs(d1 - d0) < 1e-3 * d0)
         True
+        >>> d, status = otlab.sinkhorn_divergence(x, y, epsilon=1e-4, max_iter=10,
+        ...                                       with_status=True)
+        >>> bool(jnp.isnan(d)), otlab.Status.name(status)
+        (True, 'MAX_ITER')
     """
     from otlab.geometry import PointCloud
 
@@ -620,7 +662,15 @@ def sinkhorn_divergence(
     opts = dict(
         epsilon=epsilon, tol=tol, max_iter=max_iter, check_every=check_every, mode=mode, init=init
     )
-    ot_xy = sinkhorn(gxy, a, b, **opts).reg_cost
-    ot_xx = sinkhorn(PointCloud(x, x, cost, block_size), a, a, **opts).reg_cost
-    ot_yy = sinkhorn(PointCloud(y, y, cost, block_size), b, b, **opts).reg_cost
-    return ot_xy - 0.5 * (ot_xx + ot_yy)
+    s_xy = sinkhorn(gxy, a, b, **opts)
+    s_xx = sinkhorn(PointCloud(x, x, cost, block_size), a, a, **opts)
+    s_yy = sinkhorn(PointCloud(y, y, cost, block_size), b, b, **opts)
+    return _divergence(s_xy, s_xx, s_yy, with_status)
+
+
+def _divergence(s_xy: OTSolution, s_xx: OTSolution, s_yy: OTSolution, with_status: bool):
+    """The debiased value of three solutions: NaN unless all converged, clipped at 0."""
+    status = jnp.maximum(jnp.maximum(s_xy.status, s_xx.status), s_yy.status)
+    value = s_xy.reg_cost - 0.5 * (s_xx.reg_cost + s_yy.reg_cost)
+    value = jnp.where(status == Status.SUCCESS, jnp.maximum(value, 0.0), jnp.nan)
+    return (value, status) if with_status else value

@@ -6,10 +6,9 @@ Pure, jit-compiled functions: arrays -> Geometry -> solver -> OTSolution.
 from otlab import costs, initializers
 from otlab.geometry import Geometry, PlanOperator, PointCloud, as_geometry, from_ott
 from otlab.implicit import ImplicitDiff
-from otlab.solution import OTSolution, Status
+from otlab.solution import OTSolution, Status, warn_if_not_converged
 from otlab.solvers.sinkhorn import sinkhorn, sinkhorn_divergence
 from otlab.solvers.sns import sns
-from otlab.solution import warn_if_not_converged
 
 __version__ = "0.1.0"
 

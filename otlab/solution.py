@@ -156,11 +156,30 @@ class OTSolution:
         ``reg_ot_cost``; for unbalanced ones otlab solves the problem above (entropy
         relative to ``a b^T``, as POT's ``sinkhorn_unbalanced``), which ott-jax 0.6
         does not: its unbalanced plans differ.
+
+        Large epsilon (balanced problems): the dual's ``eps (sum a sum b - sum P)``
+        and ``f - eps log a`` cancel, with a rounding error of about ``eps`` times
+        the machine epsilon (``reg_cost`` 3836 instead of 5.69 at ``eps = 1e10`` in
+        float32). The primal value ``<C, P> + eps KL(P | a b^T)``, its KL summed
+        entry by entry and capped by the value ``<C, a b^T>`` of the product plan
+        (an upper bound of the optimum), is used instead whenever that rounding
+        exceeds the primal's own first-order error (``marginal_error`` times the
+        cost scale): it tends to ``<C, a b^T>`` as ``eps -> inf``. One more pass.
         """
-        mass = jnp.sum(jnp.exp(self.geom.lse(self.f, self.g, self.epsilon, axis=1)))
-        return _dual.dual_objective(
-            self.f, self.g, self.a, self.b, self.epsilon, self.tau_a, self.tau_b, mass
+        eps, a, b = self.epsilon, self.a, self.b
+        mass = jnp.sum(jnp.exp(self.geom.lse(self.f, self.g, eps, axis=1)))
+        dual = _dual.dual_objective(self.f, self.g, a, b, eps, self.tau_a, self.tau_b, mass)
+        log_a, log_b = _dual.safe_log(a), _dual.safe_log(b)
+        cp, kl, cab, scale = self.geom.primal_terms(self.f, self.g, eps, log_a, log_b)
+        primal = jnp.minimum(cp + eps * kl, cab)
+        ulp = jnp.finfo(dual.dtype).eps
+        logs = jnp.max(jnp.abs(jnp.where(a > 0, log_a, 0.0))) + jnp.max(
+            jnp.abs(jnp.where(b > 0, log_b, 0.0))
         )
+        dual_rounding = eps * ulp * (1.0 + logs) * jnp.sum(a)
+        primal_error = (jax.lax.stop_gradient(self.marginal_error) + ulp) * scale / jnp.sum(a)
+        use_primal = (dual_rounding > primal_error) & (_dual.is_balanced(self.tau_a, self.tau_b) > 0)
+        return jnp.where(jax.lax.stop_gradient(use_primal), primal, dual)
 
 
 def build(problem: _dual.Problem, f, g, status, n_iter, errors, tol: float) -> OTSolution:

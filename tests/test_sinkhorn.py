@@ -438,7 +438,8 @@ def test_max_iter_status(mode, dtype):
     assert int(sol.status) == Status.MAX_ITER and not bool(sol.converged)
     assert int(sol.n_iter) == 20
     assert float(sol.marginal_error) > 1e-4
-    np.testing.assert_allclose(sol.errors, [sol.errors[0], sol.marginal_error], rtol=0)
+    # marginal_error is the final log-domain re-evaluation of the returned potentials
+    np.testing.assert_allclose(sol.errors, [sol.errors[0], sol.marginal_error], rtol=1e-4)
     assert bool(jnp.all(jnp.isfinite(sol.f)))
 
 

@@ -182,7 +182,15 @@ class OTSolution:
         return jnp.where(jax.lax.stop_gradient(use_primal), primal, dual)
 
 
-def build(problem: _dual.Problem, f, g, status, n_iter, errors, tol: float) -> OTSolution:
+def build(
+    problem: _dual.Problem,
+    f: Array,
+    g: Array,
+    status: Array,
+    n_iter: Array,
+    errors: Array,
+    tol: float,
+) -> OTSolution:
     """The `OTSolution` of a solver's returned potentials: the one place where every
     solver's answer is finished and its status decided.
 
@@ -229,7 +237,7 @@ def _warn(status, what):
     )
 
 
-def warn_if_not_converged(sol_or_status, what: str = "OT solve"):
+def warn_if_not_converged(sol_or_status: OTSolution | Array, what: str = "OT solve"):
     """Emit a ``RuntimeWarning`` when a solve has not converged; works under ``jit``.
 
     A ``jax.debug.callback`` behind a ``lax.cond``: nothing is sent to the host

@@ -8,7 +8,8 @@ $$ f \\leftarrow \\varepsilon \\log a - \\tau_a\\,\\big(\\varepsilon \\log(P 1) 
 with ``tau = 1`` for a hard marginal constraint and ``tau = rho / (rho + eps)``
 for a KL-relaxed one (Chizat et al., 2018; Séjourné et al., 2019).
 
-Two engines run these updates, with identical iterates up to rounding:
+Two engines run these updates, with identical iterates up to rounding (at
+zero-weight points both return the c-transform, set when the solution is built):
 
 ``mode="log"``
     every half-step is a max-shifted log-sum-exp pass over the geometry
@@ -515,7 +516,8 @@ def sinkhorn(
             hard marginal constraint, smaller relaxes it with a KL penalty.
         tau_b: same for ``b``.
         tol: static. Stop when the L1 optimality residual (``|P1 - a|_1 +
-            |P^T1 - b|_1`` when balanced) is ``<= tol``.
+            |P^T1 - b|_1`` when balanced) is ``<= tol``; ``SUCCESS`` means the
+            returned potentials meet it when re-evaluated in the log domain.
         max_iter: static iteration cap.
         check_every: static. Iterations between residual checks.
         init: ``None`` (zero potentials), ``"auto"`` (`otlab.initializers.auto`:

@@ -164,22 +164,34 @@ class OTSolution:
         entry by entry and capped by the value ``<C, a b^T>`` of the product plan
         (an upper bound of the optimum), is used instead whenever that rounding
         exceeds the primal's own first-order error (``marginal_error`` times the
-        cost scale): it tends to ``<C, a b^T>`` as ``eps -> inf``. One more pass.
+        cost scale): it tends to ``<C, a b^T>`` as ``eps -> inf``. A ``lax.cond``:
+        one pass either way (both under ``vmap``).
         """
         eps, a, b = self.epsilon, self.a, self.b
-        mass = jnp.sum(jnp.exp(self.geom.lse(self.f, self.g, eps, axis=1)))
-        dual = _dual.dual_objective(self.f, self.g, a, b, eps, self.tau_a, self.tau_b, mass)
         log_a, log_b = _dual.safe_log(a), _dual.safe_log(b)
-        cp, kl, cab, scale = self.geom.primal_terms(self.f, self.g, eps, log_a, log_b)
-        primal = jnp.minimum(cp + eps * kl, cab)
-        ulp = jnp.finfo(dual.dtype).eps
+
+        def dual(sol):
+            mass = jnp.sum(jnp.exp(sol.geom.lse(sol.f, sol.g, eps, axis=1)))
+            return _dual.dual_objective(sol.f, sol.g, a, b, eps, sol.tau_a, sol.tau_b, mass)
+
+        def primal(sol):
+            cp, kl, cab, _ = sol.geom.primal_terms(sol.f, sol.g, eps, log_a, log_b)
+            return jnp.minimum(cp + eps * kl, cab)
+
+        # The dual's rounding ~ eps * ulp * (1 + |log a| + |log b|) * mass, against the
+        # primal's first-order error ~ marginal_error * cost scale; the scale (|h|, the
+        # unabsorbed potentials, bound the costs along the plan) is only an estimate.
+        ulp = jnp.finfo(self.f.dtype).eps
         logs = jnp.max(jnp.abs(jnp.where(a > 0, log_a, 0.0))) + jnp.max(
             jnp.abs(jnp.where(b > 0, log_b, 0.0))
         )
-        dual_rounding = eps * ulp * (1.0 + logs) * jnp.sum(a)
-        primal_error = (jax.lax.stop_gradient(self.marginal_error) + ulp) * scale / jnp.sum(a)
+        h = jnp.concatenate([jnp.where(a > 0, self.f - eps * log_a, 0.0),
+                             jnp.where(b > 0, self.g - eps * log_b, 0.0)])
+        scale = jnp.max(jnp.abs(h)) + ulp
+        dual_rounding = eps * ulp * (1.0 + logs)
+        primal_error = (self.marginal_error + ulp) * scale / jnp.sum(a)
         use_primal = (dual_rounding > primal_error) & (_dual.is_balanced(self.tau_a, self.tau_b) > 0)
-        return jnp.where(jax.lax.stop_gradient(use_primal), primal, dual)
+        return jax.lax.cond(jax.lax.stop_gradient(use_primal), primal, dual, self)
 
 
 def build(

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -76,7 +77,8 @@ class OTSolution:
         errors: ``marginal_error`` after each block of ``check_every`` iterations
             (Sinkhorn checks every iteration of its first block and stops there as
             soon as it converges: ``errors[0]`` is then the error at ``n_iter``);
-            ``-1`` where not computed.
+            ``-1`` where not computed. The last computed entry is
+            ``marginal_error`` itself (the final re-evaluation).
     """
 
     f: Array
@@ -110,7 +112,7 @@ class OTSolution:
 
     def plan(self) -> Array:
         """The dense ``(n, m)`` plan ``P``. Memory ``n * m``: prefer `apply`."""
-        return self.geom.plan(self.f, self.g, self.epsilon)
+        return _plan(self)
 
     def apply(self, v: Array, axis: int = 1) -> Array:
         """Multiply by the plan without building it.
@@ -119,19 +121,13 @@ class OTSolution:
             v: ``(m,)`` / ``(m, k)`` for ``axis=1`` or ``(n,)`` / ``(n, k)`` for ``axis=0``.
             axis: the axis of ``P`` summed over: ``1`` gives ``P v``, ``0`` gives ``P^T v``.
         """
-        op = self.geom.plan_operator(self.f, self.g, self.epsilon)
-        if axis == 1:
-            return op.matvec(v)
-        if axis == 0:
-            return op.rmatvec(v)
-        raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
+        if axis not in (0, 1):
+            raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
+        return _apply(self, v, axis)
 
     def marginals(self) -> tuple[Array, Array]:
         """``(P 1, P^T 1)`` from one log-sum-exp pass each."""
-        return (
-            jnp.exp(self.geom.lse(self.f, self.g, self.epsilon, axis=1)),
-            jnp.exp(self.geom.lse(self.f, self.g, self.epsilon, axis=0)),
-        )
+        return _marginals(self)
 
     def transport(self, x: Array) -> Array:
         """Entropic map of points ``x`` (shape ``(k, d)``) into the target cloud.
@@ -141,12 +137,12 @@ class OTSolution:
         """
         if not hasattr(self.geom, "transport"):
             raise ValueError("`transport` needs a PointCloud geometry (points and a cost).")
-        return self.geom.transport(self.g, self.epsilon, x)
+        return _transport(self, x)
 
     @property
     def cost(self) -> Array:
         """Transport cost of the plan, ``<C, P>``."""
-        return self.geom.plan_cost(self.f, self.g, self.epsilon)
+        return _cost(self)
 
     @property
     def reg_cost(self) -> Array:
@@ -167,31 +163,77 @@ class OTSolution:
         cost scale): it tends to ``<C, a b^T>`` as ``eps -> inf``. A ``lax.cond``:
         one pass either way (both under ``vmap``).
         """
-        eps, a, b = self.epsilon, self.a, self.b
-        log_a, log_b = _dual.safe_log(a), _dual.safe_log(b)
+        return _reg_cost(self)
 
-        def dual(sol):
-            mass = jnp.sum(jnp.exp(sol.geom.lse(sol.f, sol.g, eps, axis=1)))
-            return _dual.dual_objective(sol.f, sol.g, a, b, eps, sol.tau_a, sol.tau_b, mass)
 
-        def primal(sol):
-            cp, kl, cab, _ = sol.geom.primal_terms(sol.f, sol.g, eps, log_a, log_b)
-            return jnp.minimum(cp + eps * kl, cab)
+# Derived values are module-level jitted functions: an eager call compiles once per
+# signature. (A ``lax.cond`` or ``lax.map`` on fresh closures, called eagerly, would
+# compile a new XLA program on every call, and every loaded CPU executable keeps its
+# memory mappings: thousands of eager calls exhausted ``vm.max_map_count`` and
+# crashed XLA. tests/test_solution_compiles.py checks that repeated calls do not
+# compile.)
 
-        # The dual's rounding ~ eps * ulp * (1 + |log a| + |log b|) * mass, against the
-        # primal's first-order error ~ marginal_error * cost scale; the scale (|h|, the
-        # unabsorbed potentials, bound the costs along the plan) is only an estimate.
-        ulp = jnp.finfo(self.f.dtype).eps
-        logs = jnp.max(jnp.abs(jnp.where(a > 0, log_a, 0.0))) + jnp.max(
-            jnp.abs(jnp.where(b > 0, log_b, 0.0))
-        )
-        h = jnp.concatenate([jnp.where(a > 0, self.f - eps * log_a, 0.0),
-                             jnp.where(b > 0, self.g - eps * log_b, 0.0)])
-        scale = jnp.max(jnp.abs(h)) + ulp
-        dual_rounding = eps * ulp * (1.0 + logs)
-        primal_error = (self.marginal_error + ulp) * scale / jnp.sum(a)
-        use_primal = (dual_rounding > primal_error) & (_dual.is_balanced(self.tau_a, self.tau_b) > 0)
-        return jax.lax.cond(jax.lax.stop_gradient(use_primal), primal, dual, self)
+
+@jax.jit
+def _plan(sol: OTSolution) -> Array:
+    return sol.geom.plan(sol.f, sol.g, sol.epsilon)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _apply(sol: OTSolution, v: Array, axis: int) -> Array:
+    op = sol.geom.plan_operator(sol.f, sol.g, sol.epsilon)
+    return op.matvec(v) if axis == 1 else op.rmatvec(v)
+
+
+@jax.jit
+def _marginals(sol: OTSolution) -> tuple[Array, Array]:
+    return (
+        jnp.exp(sol.geom.lse(sol.f, sol.g, sol.epsilon, axis=1)),
+        jnp.exp(sol.geom.lse(sol.f, sol.g, sol.epsilon, axis=0)),
+    )
+
+
+@jax.jit
+def _transport(sol: OTSolution, x: Array) -> Array:
+    return sol.geom.transport(sol.g, sol.epsilon, x)
+
+
+@jax.jit
+def _cost(sol: OTSolution) -> Array:
+    return sol.geom.plan_cost(sol.f, sol.g, sol.epsilon)
+
+
+def _dual_value(sol: OTSolution) -> Array:
+    eps = sol.epsilon
+    mass = jnp.sum(jnp.exp(sol.geom.lse(sol.f, sol.g, eps, axis=1)))
+    return _dual.dual_objective(sol.f, sol.g, sol.a, sol.b, eps, sol.tau_a, sol.tau_b, mass)
+
+
+def _primal_value(sol: OTSolution) -> Array:
+    eps = sol.epsilon
+    log_a, log_b = _dual.safe_log(sol.a), _dual.safe_log(sol.b)
+    cp, kl, cab, _ = sol.geom.primal_terms(sol.f, sol.g, eps, log_a, log_b)
+    return jnp.minimum(cp + eps * kl, cab)
+
+
+@jax.jit
+def _reg_cost(self: OTSolution) -> Array:
+    eps, a, b = self.epsilon, self.a, self.b
+    log_a, log_b = _dual.safe_log(a), _dual.safe_log(b)
+    # The dual's rounding ~ eps * ulp * (1 + |log a| + |log b|) * mass, against the
+    # primal's first-order error ~ marginal_error * cost scale; the scale (|h|, the
+    # unabsorbed potentials, bound the costs along the plan) is only an estimate.
+    ulp = jnp.finfo(self.f.dtype).eps
+    logs = jnp.max(jnp.abs(jnp.where(a > 0, log_a, 0.0))) + jnp.max(
+        jnp.abs(jnp.where(b > 0, log_b, 0.0))
+    )
+    h = jnp.concatenate([jnp.where(a > 0, self.f - eps * log_a, 0.0),
+                         jnp.where(b > 0, self.g - eps * log_b, 0.0)])
+    scale = jnp.max(jnp.abs(h)) + ulp
+    dual_rounding = eps * ulp * (1.0 + logs)
+    primal_error = (self.marginal_error + ulp) * scale / jnp.sum(a)
+    use_primal = (dual_rounding > primal_error) & (_dual.is_balanced(self.tau_a, self.tau_b) > 0)
+    return jax.lax.cond(jax.lax.stop_gradient(use_primal), _primal_value, _dual_value, self)
 
 
 def build(
@@ -229,6 +271,9 @@ def build(
     status = jnp.where((status == Status.SUCCESS) | (status == Status.MAX_ITER), checked, status)
     finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
     status = jnp.where(finite, status, Status.NONFINITE).astype(jnp.int32)
+    # the history ends with the error of the returned answer
+    last = jnp.arange(errors.shape[-1]) == jnp.sum(errors >= 0) - 1
+    errors = jnp.where(last, jax.lax.stop_gradient(err).astype(errors.dtype), errors)
     return OTSolution(
         f, g, p.geom, p.a, p.b, p.epsilon, p.tau_a, p.tau_b, status, n_iter,
         jax.lax.stop_gradient(err), errors,

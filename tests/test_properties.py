@@ -6,6 +6,7 @@ compiled solver; values (points, weights, epsilon, tau, shifts) are drawn."""
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,10 @@ import otlab
 
 N, M = 6, 8
 OPTS = dict(tol=1e-9, max_iter=10000)
-PROPERTY = settings(max_examples=15, deadline=None)
+# Derandomized: CI runs the same examples every time (OTLAB_EXAMPLES=300 explores more).
+PROPERTY = settings(
+    max_examples=int(os.environ.get("OTLAB_EXAMPLES", 15)), deadline=None, derandomize=not os.environ.get("OTLAB_EXAMPLES")
+)
 
 _coord = st.floats(-2.0, 2.0, allow_nan=False, allow_infinity=False, width=64)
 
@@ -126,7 +130,11 @@ def test_constant_cost_shift_shifts_reg_cost(c, a, b, rel, k):
 # Hard random problems: zero weights, one far outlier, a common offset (up to 1e4),
 # duplicated points. Whatever the solver reports, ``converged`` must mean that the
 # returned potentials, re-evaluated independently (float64 NumPy, max-shifted), meet
-# ``tol`` (float32: up to the rounding of a float32 evaluation).
+# ``tol`` up to the rounding floor of the dtype: float potentials and costs are
+# stored to a relative precision u, so each plan entry exp((f + g - C) / eps) is
+# known only to a relative u (|f| + |g| + |C|) / eps; at an outlier (|C| ~ 800,
+# eps ~ 0.09, float32) that floor alone is ~1e-4 of the outlier's mass. Both
+# evaluations (the solver's, float32, and this one of the rounded numbers) carry it.
 
 
 @st.composite
@@ -147,14 +155,19 @@ def _hard_problem(draw):
     return x + offset, y + offset, a / a.sum(), b / b.sum(), rel
 
 
-def _reevaluated_error(sol) -> float:
+def _reevaluated_error(sol) -> tuple[float, float]:
+    """(L1 marginal error of the returned potentials in float64, rounding floor)."""
     c = np.asarray(sol.geom.cost_matrix, np.float64)
     f, g = np.asarray(sol.f, np.float64), np.asarray(sol.g, np.float64)
     eps = float(sol.epsilon)
     z = (f[:, None] + g[None, :] - c) / eps
     p = np.exp(z)
     a, b = np.asarray(sol.a, np.float64), np.asarray(sol.b, np.float64)
-    return float(np.abs(p.sum(1) - a).sum() + np.abs(p.sum(0) - b).sum())
+    err = float(np.abs(p.sum(1) - a).sum() + np.abs(p.sum(0) - b).sum())
+    u = np.finfo(np.asarray(sol.f).dtype).eps / 2
+    magnitude = np.abs(f)[:, None] + np.abs(g)[None, :] + np.abs(c) + eps
+    floor = 2 * 2 * u * float(np.sum(p * magnitude)) / eps  # rows + columns, two evaluations
+    return err, floor
 
 
 @functools.cache
@@ -174,7 +187,6 @@ def _hard_solver(solver: str, dtype: str):
 @pytest.mark.parametrize("solver", ["kernel", "log", "sns"])
 def test_converged_implies_reevaluated_error_within_tol(solver, dtype):
     solve, tol = _hard_solver(solver, dtype)
-    slack = 1.5 if dtype == "float32" else 1.01
     seen = []
 
     @PROPERTY
@@ -189,8 +201,8 @@ def test_converged_implies_reevaluated_error_within_tol(solver, dtype):
             seen.append(bool(sol.converged))
             assert bool(sol.converged) == bool(sol.marginal_error <= tol)
             if bool(sol.converged):
-                err = _reevaluated_error(sol)
-                assert err <= slack * tol + 1e-12, (err, int(sol.status))
+                err, floor = _reevaluated_error(sol)
+                assert err <= 1.01 * tol + floor, (err, floor, int(sol.status))
 
     check()
     assert any(seen)  # the property was exercised on converged solves

@@ -6,7 +6,7 @@ Pure, jit-compiled functions: arrays -> Geometry -> solver -> OTSolution.
 from otlab import costs, initializers
 from otlab.geometry import Geometry, PlanOperator, PointCloud, as_geometry, from_ott
 from otlab.implicit import ImplicitDiff
-from otlab.solution import OTSolution, Status
+from otlab.solution import OTSolution, Status, warn_if_not_converged
 from otlab.solvers.sinkhorn import sinkhorn, sinkhorn_divergence
 from otlab.solvers.sns import sns
 
@@ -26,4 +26,5 @@ __all__ = [
     "sinkhorn",
     "sinkhorn_divergence",
     "sns",
+    "warn_if_not_converged",
 ]

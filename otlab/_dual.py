@@ -52,10 +52,26 @@ def relaxed_marginal(w: Array, pot: Array, epsilon: Array, tau: Array) -> Array:
     return w * jnp.exp(-k * (pot - epsilon * safe_log(w)))
 
 
+def _weighted_div(w, pot, epsilon, tau) -> Array:
+    """``sum_i w_i (1 - e^{-kappa h_i}) / kappa`` with ``h = pot - eps log w``.
+
+    Its derivative in a zero weight is the one-sided limit ``w -> 0+``,
+    ``(1 - e^{-kappa h}) / kappa - eps e^{-kappa h}``: the ``- eps e^{-kappa h}``
+    comes from ``d(w log w) / dw = log w + 1``, whose ``+ 1`` `safe_log` (constant
+    below ``tiny``) drops. A zero-valued term ``(w - stop_gradient(w)) * (...)``
+    restores it, so that the gradient in a zero weight is exact.
+    """
+    k = kappa(epsilon, tau)
+    h = pot - epsilon * safe_log(w)
+    dw = w - jax.lax.stop_gradient(w)
+    missing = jnp.where(w > 0, 0.0, -epsilon * jnp.exp(-k * h))
+    return jnp.sum(w * _div(h, k)) + jnp.sum(jax.lax.stop_gradient(missing) * dw)
+
+
 def dual_objective(f, g, a, b, epsilon, tau_a, tau_b, total_mass) -> Array:
     """``D(f, g)``; ``total_mass`` is ``sum(P)`` at ``(f, g)``."""
-    div_a = jnp.sum(a * _div(f - epsilon * safe_log(a), kappa(epsilon, tau_a)))
-    div_b = jnp.sum(b * _div(g - epsilon * safe_log(b), kappa(epsilon, tau_b)))
+    div_a = _weighted_div(a, f, epsilon, tau_a)
+    div_b = _weighted_div(b, g, epsilon, tau_b)
     return div_a + div_b + epsilon * (jnp.sum(a) * jnp.sum(b) - total_mass)
 
 
@@ -135,6 +151,12 @@ class Problem:
     tau_a: Array
     tau_b: Array
 
+    def active(self) -> tuple[Array, Array]:
+        """Masks of the points with positive weight. Zero-weight points are outside
+        the problem: their potentials are the c-transforms (`complete`), and the
+        implicit linear system holds them fixed (a unit diagonal, no coupling)."""
+        return self.a > 0, self.b > 0
+
     def residual(self, f: Array, g: Array, row: Array, col: Array) -> tuple[Array, Array]:
         """Dual gradient given the plan's marginals ``row = P 1`` and ``col = P^T 1``."""
         ra = relaxed_marginal(self.a, f, self.epsilon, self.tau_a) - row
@@ -153,7 +175,10 @@ class Problem:
         col = jnp.exp(self.geom.lse(f, g, eps, axis=0))
         ra, rb = self.residual(f, g, row, col)
         phi = (jnp.sum(self.a * f) - jnp.sum(self.b * g)) * is_balanced(self.tau_a, self.tau_b)
-        return ra - self.a * phi / eps, rb + self.b * phi / eps
+        ma, mb = self.active()
+        # Zero-weight rows/columns: no condition (their potentials are c-transforms,
+        # set after the solve); the masked Hessian has a unit diagonal there.
+        return jnp.where(ma, ra - self.a * phi / eps, 0.0), jnp.where(mb, rb + self.b * phi / eps, 0.0)
 
     def hessian_diagonal(self, f: Array, g: Array, row: Array, col: Array):
         """Diagonal blocks of ``-dF/d(f, g)`` given the marginals ``row = P 1``,
@@ -167,9 +192,14 @@ class Problem:
         """``(matvec, diagonal)`` of ``A = -dF/d(f, g)``, symmetric positive definite.
 
         ``A = (1/eps) [[diag(P1), P], [P^T, diag(P^T 1)]] + diag(kappa * relaxed
-        marginals) + (1/eps) w w^T`` (the last term only when balanced).
+        marginals) + (1/eps) w w^T`` (the last term only when balanced), restricted
+        to the points of positive weight: zero-weight rows and columns are the
+        identity (their condition is not part of the problem, see `optimality`), so
+        ``A`` stays definite and the Jacobi preconditioner never divides by a zero
+        marginal; the system is that of the problem with those points removed.
         """
         eps = self.epsilon
+        ma, mb = self.active()
         op = self.geom.materialize().plan_operator(f, g, eps)
         row = op.matvec(jnp.ones(self.b.shape, f.dtype))
         col = op.rmatvec(jnp.ones(self.a.shape, f.dtype))
@@ -177,11 +207,43 @@ class Problem:
         s = is_balanced(self.tau_a, self.tau_b) / eps
 
         def matvec(z):
-            x, y = z
+            x, y = jnp.where(ma, z[0], 0.0), jnp.where(mb, z[1], 0.0)
             phi = s * (jnp.sum(self.a * x) - jnp.sum(self.b * y))
             return (
-                da * x + op.matvec(y) / eps + self.a * phi,
-                db * y + op.rmatvec(x) / eps - self.b * phi,
+                jnp.where(ma, da * x + op.matvec(y) / eps + self.a * phi, z[0]),
+                jnp.where(mb, db * y + op.rmatvec(x) / eps - self.b * phi, z[1]),
             )
 
-        return matvec, (da + s * self.a**2, db + s * self.b**2)
+        return matvec, (jnp.where(ma, da + s * self.a**2, 1.0), jnp.where(mb, db + s * self.b**2, 1.0))
+
+
+def complete(problem: Problem, f: Array, g: Array) -> tuple[Array, Array, Array]:
+    """Finish a solver's potentials: ``(f, g, marginal_error)``, in two log-domain passes.
+
+    Every solver's returned potentials go through this (`otlab.solution.build`):
+
+    * potentials at zero-weight points become the c-transforms of the other side
+      (Sinkhorn's half-step, ``f_i = eps log a_i - tau_a eps log sum_j e^{(g_j - C_ij)/eps}``,
+      with ``log 0`` the finite `safe_log`): the one-sided derivative of the
+      problem's value in that weight, and what every engine and solver returns;
+    * ``marginal_error``, the L1 norm of the optimality residual of the returned
+      ``(f, g)`` re-evaluated in the log domain (max-shifted log-sum-exp passes),
+      whatever the solver's own estimate was (a scaled kernel can underestimate it).
+      The change of the columns at zero weights moves the rows by at most the
+      change of those columns' mass, which is added: a bound, not an estimate.
+    """
+    eps = problem.epsilon
+    geom = problem.geom.materialize()
+    ma, mb = problem.active()
+    log_row = geom.lse(f, g, eps, axis=1)
+    f_c = eps * safe_log(problem.a) - problem.tau_a * (eps * log_row - f)
+    f_new = jnp.where(ma, f, f_c)
+    log_row = log_row + (f_new - f) / eps
+    log_col = geom.lse(f_new, g, eps, axis=0)
+    g_c = eps * safe_log(problem.b) - problem.tau_b * (eps * log_col - g)
+    g_new = jnp.where(mb, g, g_c)
+    log_col_new = log_col + (g_new - g) / eps
+    ra, rb = problem.residual(f_new, g_new, jnp.exp(log_row), jnp.exp(log_col_new))
+    moved = jnp.sum(jnp.abs(jnp.exp(log_col_new) - jnp.exp(log_col)))
+    err = jnp.sum(jnp.abs(ra)) + jnp.sum(jnp.abs(rb)) + moved
+    return f_new, g_new, err

@@ -88,6 +88,24 @@ def _lse_first(z: Array) -> Array:
     return mx + jnp.log(jnp.sum(jnp.exp(z - mx[None, :]), axis=0))
 
 
+def _primal_terms(c: Array, fr: Array, gc: Array, eps: Array, lar: Array, lbc: Array) -> Array:
+    """Per-row ``[sum_j C P, sum_j a b phi(z), sum_j a b C, sum_j a b |C|]`` of a block,
+    shape ``(rows, 4)``: ``z = log(P / (a b))`` and ``phi(z) = z e^z - e^z + 1 >= 0``
+    (``a b phi(z)`` is the KL term of each entry, no cancellation across entries)."""
+    logits = _logits(c, fr, gc, eps)
+    p = jnp.exp(logits)
+    lab = lar[:, None] + lbc[None, :]
+    ab = jnp.exp(lab)
+    z = logits - lab
+    # ``a b expm1(z) = P - a b``; the product form is exact near z = 0, the
+    # difference has no overflow for large z (where ``a b`` may underflow).
+    big = z > 1.0
+    kl = p * z - jnp.where(big, p - ab, ab * jnp.expm1(jnp.where(big, 1.0, z)))
+    return jnp.stack(
+        [jnp.sum(c * p, 1), jnp.sum(kl, 1), jnp.sum(ab * c, 1), jnp.sum(ab * jnp.abs(c), 1)], -1
+    )
+
+
 def _matvec(p: Array, v: Array) -> Array:
     return p @ v
 
@@ -120,15 +138,17 @@ def _binned_max(z: Array, bins: int) -> tuple[Array, Array]:
 def _map_blocks(fn, block_size: int, args: tuple) -> Any:
     """Apply ``fn`` to consecutive row blocks of ``args`` (same leading size).
 
-    Pads to a multiple of ``block_size``, runs a rematerialised ``lax.map`` and
-    trims: peak memory is that of one block, forward and backward.
+    Pads to a multiple of ``block_size`` (repeating the last row: padded points
+    stay inside the cloud, which the centred costs of `otlab.costs` rely on), runs
+    a rematerialised ``lax.map`` and trims: peak memory is that of one block,
+    forward and backward.
     """
     n = args[0].shape[0]
     nb = -(-n // block_size)
     pad = nb * block_size - n
 
     def split(x):
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
         return x.reshape((nb, block_size) + x.shape[1:])
 
     out = jax.lax.map(jax.checkpoint(lambda blk: fn(*blk)), tuple(split(x) for x in args))
@@ -216,6 +236,16 @@ class _GeometryBase:
         """``<C, P>``, the transport cost of the plan."""
         c = self.cost_matrix
         return jnp.sum(c * jnp.exp(_logits(c, f, g, epsilon)))
+
+    def primal_terms(self, f: Array, g: Array, epsilon: Array, log_a: Array, log_b: Array):
+        """``(<C, P>, KL(P | a b^T), <C, a b^T>, <|C|, a b^T>)`` in one pass.
+
+        The KL is summed entry by entry as ``a b phi(log(P / a b))``, so it stays
+        accurate when ``P`` is close to ``a b^T`` (large epsilon), where the dual's
+        ``eps (sum P - sum a b)`` cancels. ``log_a``, ``log_b``: logs of the weights.
+        """
+        t = _primal_terms(self.cost_matrix, f, g, epsilon, log_a, log_b)
+        return tuple(jnp.sum(t, 0))
 
     def mean_cost(self) -> Array:
         """Mean entry of the cost matrix (the default scale of ``epsilon``)."""
@@ -385,6 +415,16 @@ class PointCloud(_GeometryBase):
             return jnp.sum(c * jnp.exp(_logits(c, fb, g, epsilon)), axis=1)
 
         return jnp.sum(_map_blocks(block, self.block_size, (self.x, f)))
+
+    def primal_terms(self, f, g, epsilon, log_a, log_b):
+        if not self.is_online:
+            return super().primal_terms(f, g, epsilon, log_a, log_b)
+        t = _map_blocks(
+            lambda xb, fb, lab: _primal_terms(self._cost_rows(xb), fb, g, epsilon, lab, log_b),
+            self.block_size,
+            (self.x, f, log_a),
+        )
+        return tuple(jnp.sum(t, 0))
 
     def mean_cost(self):
         if not self.is_online:

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 
 from otlab import _dual
 
-__all__ = ["OTSolution", "Status"]
+__all__ = ["OTSolution", "Status", "warn_if_not_converged"]
 
 Array = jax.Array
 
@@ -76,7 +77,8 @@ class OTSolution:
         errors: ``marginal_error`` after each block of ``check_every`` iterations
             (Sinkhorn checks every iteration of its first block and stops there as
             soon as it converges: ``errors[0]`` is then the error at ``n_iter``);
-            ``-1`` where not computed.
+            ``-1`` where not computed. The last computed entry is
+            ``marginal_error`` itself (the final re-evaluation).
     """
 
     f: Array
@@ -94,12 +96,23 @@ class OTSolution:
 
     @property
     def converged(self) -> Array:
-        """``status == SUCCESS`` (never true with non-finite potentials)."""
+        """``status == SUCCESS``: the returned ``(f, g)``, re-evaluated in the log
+        domain, meet ``tol`` (never true with non-finite potentials).
+
+        Warning:
+            Gradients of a solve that has not converged are not gradients of the
+            problem. Implicit differentiation assumes the optimality condition
+            holds; away from it the linear solve amplifies the residual (a
+            ``MAX_ITER`` solve at small ``epsilon`` gave ``|grad x|`` of 80 where
+            the converged value is 0.37). Check ``converged`` (or ``status``)
+            before using a gradient, or call `warn_if_not_converged` inside a
+            training step; `otlab.sinkhorn_divergence` returns NaN in that case.
+        """
         return self.status == Status.SUCCESS
 
     def plan(self) -> Array:
         """The dense ``(n, m)`` plan ``P``. Memory ``n * m``: prefer `apply`."""
-        return self.geom.plan(self.f, self.g, self.epsilon)
+        return _plan(self)
 
     def apply(self, v: Array, axis: int = 1) -> Array:
         """Multiply by the plan without building it.
@@ -108,19 +121,13 @@ class OTSolution:
             v: ``(m,)`` / ``(m, k)`` for ``axis=1`` or ``(n,)`` / ``(n, k)`` for ``axis=0``.
             axis: the axis of ``P`` summed over: ``1`` gives ``P v``, ``0`` gives ``P^T v``.
         """
-        op = self.geom.plan_operator(self.f, self.g, self.epsilon)
-        if axis == 1:
-            return op.matvec(v)
-        if axis == 0:
-            return op.rmatvec(v)
-        raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
+        if axis not in (0, 1):
+            raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
+        return _apply(self, v, axis)
 
     def marginals(self) -> tuple[Array, Array]:
         """``(P 1, P^T 1)`` from one log-sum-exp pass each."""
-        return (
-            jnp.exp(self.geom.lse(self.f, self.g, self.epsilon, axis=1)),
-            jnp.exp(self.geom.lse(self.f, self.g, self.epsilon, axis=0)),
-        )
+        return _marginals(self)
 
     def transport(self, x: Array) -> Array:
         """Entropic map of points ``x`` (shape ``(k, d)``) into the target cloud.
@@ -130,12 +137,12 @@ class OTSolution:
         """
         if not hasattr(self.geom, "transport"):
             raise ValueError("`transport` needs a PointCloud geometry (points and a cost).")
-        return self.geom.transport(self.g, self.epsilon, x)
+        return _transport(self, x)
 
     @property
     def cost(self) -> Array:
         """Transport cost of the plan, ``<C, P>``."""
-        return self.geom.plan_cost(self.f, self.g, self.epsilon)
+        return _cost(self)
 
     @property
     def reg_cost(self) -> Array:
@@ -145,8 +152,187 @@ class OTSolution:
         ``reg_ot_cost``; for unbalanced ones otlab solves the problem above (entropy
         relative to ``a b^T``, as POT's ``sinkhorn_unbalanced``), which ott-jax 0.6
         does not: its unbalanced plans differ.
+
+        Large epsilon (balanced problems): the dual's ``eps (sum a sum b - sum P)``
+        and ``f - eps log a`` cancel, with a rounding error of about ``eps`` times
+        the machine epsilon (``reg_cost`` 3836 instead of 5.69 at ``eps = 1e10`` in
+        float32). The primal value ``<C, P> + eps KL(P | a b^T)``, its KL summed
+        entry by entry and capped by the value ``<C, a b^T>`` of the product plan
+        (an upper bound of the optimum), is used instead whenever that rounding
+        exceeds the primal's own first-order error (``marginal_error`` times the
+        cost scale): it tends to ``<C, a b^T>`` as ``eps -> inf``. A ``lax.cond``:
+        one pass either way (both under ``vmap``).
         """
-        mass = jnp.sum(jnp.exp(self.geom.lse(self.f, self.g, self.epsilon, axis=1)))
-        return _dual.dual_objective(
-            self.f, self.g, self.a, self.b, self.epsilon, self.tau_a, self.tau_b, mass
+        return _reg_cost(self)
+
+
+# Derived values are module-level jitted functions: an eager call compiles once per
+# signature. (A ``lax.cond`` or ``lax.map`` on fresh closures, called eagerly, would
+# compile a new XLA program on every call, and every loaded CPU executable keeps its
+# memory mappings: thousands of eager calls exhausted ``vm.max_map_count`` and
+# crashed XLA. tests/test_solution_compiles.py checks that repeated calls do not
+# compile.)
+
+
+@jax.jit
+def _plan(sol: OTSolution) -> Array:
+    return sol.geom.plan(sol.f, sol.g, sol.epsilon)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _apply(sol: OTSolution, v: Array, axis: int) -> Array:
+    op = sol.geom.plan_operator(sol.f, sol.g, sol.epsilon)
+    return op.matvec(v) if axis == 1 else op.rmatvec(v)
+
+
+@jax.jit
+def _marginals(sol: OTSolution) -> tuple[Array, Array]:
+    return (
+        jnp.exp(sol.geom.lse(sol.f, sol.g, sol.epsilon, axis=1)),
+        jnp.exp(sol.geom.lse(sol.f, sol.g, sol.epsilon, axis=0)),
+    )
+
+
+@jax.jit
+def _transport(sol: OTSolution, x: Array) -> Array:
+    return sol.geom.transport(sol.g, sol.epsilon, x)
+
+
+@jax.jit
+def _cost(sol: OTSolution) -> Array:
+    return sol.geom.plan_cost(sol.f, sol.g, sol.epsilon)
+
+
+def _dual_value(sol: OTSolution) -> Array:
+    eps = sol.epsilon
+    mass = jnp.sum(jnp.exp(sol.geom.lse(sol.f, sol.g, eps, axis=1)))
+    return _dual.dual_objective(sol.f, sol.g, sol.a, sol.b, eps, sol.tau_a, sol.tau_b, mass)
+
+
+def _primal_value(sol: OTSolution) -> Array:
+    eps = sol.epsilon
+    log_a, log_b = _dual.safe_log(sol.a), _dual.safe_log(sol.b)
+    cp, kl, cab, _ = sol.geom.primal_terms(sol.f, sol.g, eps, log_a, log_b)
+    return jnp.minimum(cp + eps * kl, cab)
+
+
+@jax.jit
+def _reg_cost(self: OTSolution) -> Array:
+    eps, a, b = self.epsilon, self.a, self.b
+    log_a, log_b = _dual.safe_log(a), _dual.safe_log(b)
+    # The dual's rounding ~ eps * ulp * (1 + |log a| + |log b|) * mass, against the
+    # primal's first-order error ~ marginal_error * cost scale; the scale (|h|, the
+    # unabsorbed potentials, bound the costs along the plan) is only an estimate.
+    ulp = jnp.finfo(self.f.dtype).eps
+    logs = jnp.max(jnp.abs(jnp.where(a > 0, log_a, 0.0))) + jnp.max(
+        jnp.abs(jnp.where(b > 0, log_b, 0.0))
+    )
+    h = jnp.concatenate([jnp.where(a > 0, self.f - eps * log_a, 0.0),
+                         jnp.where(b > 0, self.g - eps * log_b, 0.0)])
+    scale = jnp.max(jnp.abs(h)) + ulp
+    dual_rounding = eps * ulp * (1.0 + logs)
+    primal_error = (self.marginal_error + ulp) * scale / jnp.sum(a)
+    use_primal = (dual_rounding > primal_error) & (_dual.is_balanced(self.tau_a, self.tau_b) > 0)
+    return jax.lax.cond(jax.lax.stop_gradient(use_primal), _primal_value, _dual_value, self)
+
+
+def build(
+    problem: _dual.Problem,
+    f: Array,
+    g: Array,
+    status: Array,
+    n_iter: Array,
+    errors: Array,
+    tol: float,
+) -> OTSolution:
+    """The `OTSolution` of a solver's returned potentials: the one place where every
+    solver's answer is finished and its status decided.
+
+    `otlab._dual.complete` sets the potentials at zero-weight points to their
+    c-transforms and re-evaluates the marginal error of the returned ``(f, g)`` in
+    the log domain (two passes). ``SUCCESS`` then means exactly that this
+    re-evaluated error is ``<= tol``: a solver's ``SUCCESS`` whose answer fails
+    the check becomes ``MAX_ITER``, a ``MAX_ITER`` whose answer passes it becomes
+    ``SUCCESS``; ``NONFINITE`` and ``INFEASIBLE`` are kept, and non-finite
+    potentials are ``NONFINITE``.
+
+    Args:
+        problem: the `otlab._dual.Problem` solved.
+        f: ``(n,)`` potentials from the solver (differentiable: `otlab.implicit`).
+        g: ``(m,)`` potentials.
+        status: the solver's `Status` code.
+        n_iter: iterations run.
+        errors: the solver's error history.
+        tol: the tolerance the solver was asked for (static).
+    """
+    p = problem
+    f, g, err = _dual.complete(p, f, g)
+    checked = jnp.where(err <= tol, Status.SUCCESS, Status.MAX_ITER)
+    status = jnp.where((status == Status.SUCCESS) | (status == Status.MAX_ITER), checked, status)
+    finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
+    status = jnp.where(finite, status, Status.NONFINITE).astype(jnp.int32)
+    # the history ends with the error of the returned answer
+    last = jnp.arange(errors.shape[-1]) == jnp.sum(errors >= 0) - 1
+    errors = jnp.where(last, jax.lax.stop_gradient(err).astype(errors.dtype), errors)
+    return OTSolution(
+        f, g, p.geom, p.a, p.b, p.epsilon, p.tau_a, p.tau_b, status, n_iter,
+        jax.lax.stop_gradient(err), errors,
+    )
+
+
+def _warn(status, what):
+    import warnings
+
+    code = int(status)
+    if code == Status.SUCCESS:  # under vmap the cond below runs both branches
+        return
+    warnings.warn(
+        f"{what} did not converge: status {Status.NAMES[code]} ({code}); its values and "
+        "gradients do not solve the problem (see OTSolution.converged).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def warn_if_not_converged(sol_or_status: OTSolution | Array, what: str = "OT solve"):
+    """Emit a ``RuntimeWarning`` when a solve has not converged; works under ``jit``.
+
+    A ``jax.debug.callback`` behind a ``lax.cond``: nothing is sent to the host
+    for a converged solve (under ``vmap`` the callback runs for every problem and
+    warns for the failed ones). Returns its argument, so it can wrap a solution or
+    a status inline.
+
+    Args:
+        sol_or_status: an `OTSolution` or an integer `Status` code (array).
+        what: the name used in the message.
+
+    Example:
+        >>> import jax, warnings, otlab
+        >>> x = jax.random.normal(jax.random.key(0), (8, 2))
+        >>> @jax.jit
+        ... def loss(x):
+        ...     sol = otlab.sinkhorn(otlab.PointCloud(x, x + 1.0), epsilon=1e-3, max_iter=20)
+        ...     return otlab.warn_if_not_converged(sol, "sinkhorn").reg_cost
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = jax.block_until_ready(loss(x))
+        ...     jax.effects_barrier()
+        >>> "MAX_ITER" in str(caught[0].message)
+        True
+    """
+    status = sol_or_status.status if isinstance(sol_or_status, OTSolution) else sol_or_status
+    status = jnp.asarray(status)
+
+    def one(code):
+        jax.lax.cond(
+            code != Status.SUCCESS,
+            lambda c: jax.debug.callback(_warn, c, what),
+            lambda c: None,
+            code,
         )
+
+    if status.ndim == 0:
+        one(status)
+    else:
+        jax.lax.map(one, status.ravel())
+    return sol_or_status

@@ -438,7 +438,8 @@ def test_max_iter_status(mode, dtype):
     assert int(sol.status) == Status.MAX_ITER and not bool(sol.converged)
     assert int(sol.n_iter) == 20
     assert float(sol.marginal_error) > 1e-4
-    np.testing.assert_allclose(sol.errors, [sol.errors[0], sol.marginal_error], rtol=0)
+    # marginal_error is the final log-domain re-evaluation of the returned potentials
+    np.testing.assert_allclose(sol.errors, [sol.errors[0], sol.marginal_error], rtol=1e-4)
     assert bool(jnp.all(jnp.isfinite(sol.f)))
 
 
@@ -655,7 +656,10 @@ def test_unbalanced_start_is_translation_invariant(mode, x64):
 def test_sinkhorn_divergence(x64):
     p = problems.make("gauss_weighted", x64)
     x, y, a, b = p.x, p.y, p.a, p.b
-    opts = dict(epsilon=0.3, tol=1e-10)
+    # The self-transport problems (weights over two orders of magnitude) converge slowly
+    # (y vs y: 6e-7 after 30000 iterations; 1.2e-6 from init="auto"). The divergence is NaN
+    # unless its three solves converged (it used to use unconverged solves silently).
+    opts = dict(epsilon=0.3, tol=1e-5, max_iter=30000)
     same = otlab.sinkhorn_divergence(x, x, a, a, **opts)
     assert abs(float(same)) < 1e-8
     xy = otlab.sinkhorn_divergence(x, y, a, b, **opts)
@@ -667,7 +671,8 @@ def test_sinkhorn_divergence(x64):
     assert float(farther) > float(xy)
     # ... and matches the definition
     def ot(u, v, wu, wv):
-        return otlab.sinkhorn(otlab.PointCloud(u, v), wu, wv, epsilon=0.3, tol=1e-10).reg_cost
+        return otlab.sinkhorn(otlab.PointCloud(u, v), wu, wv, epsilon=0.3, tol=1e-5,
+                              max_iter=30000).reg_cost
 
     expected = ot(x, y, a, b) - 0.5 * (ot(x, x, a, a) + ot(y, y, b, b))
     np.testing.assert_allclose(xy, expected, rtol=1e-7)

@@ -8,7 +8,8 @@ $$ f \\leftarrow \\varepsilon \\log a - \\tau_a\\,\\big(\\varepsilon \\log(P 1) 
 with ``tau = 1`` for a hard marginal constraint and ``tau = rho / (rho + eps)``
 for a KL-relaxed one (Chizat et al., 2018; Séjourné et al., 2019).
 
-Two engines run these updates, with identical iterates up to rounding:
+Two engines run these updates, with identical iterates up to rounding (at
+zero-weight points both return the c-transform, set when the solution is built):
 
 ``mode="log"``
     every half-step is a max-shifted log-sum-exp pass over the geometry
@@ -49,7 +50,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from otlab import _checks, _dual, implicit
+from otlab import _checks, _dual, implicit, solution
 from otlab._checks import Init
 from otlab.costs import CostLike
 from otlab.geometry import GeometryLike
@@ -301,6 +302,30 @@ def _forward(
         finite = jnp.isfinite(err) & jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
         return err, finite, (err <= tol) & (eps <= eps_target)
 
+    def verify(s, eps, err, converged):
+        """A block that looks converged is re-checked as the solution will be
+        (`otlab.solution.build`): potentials in the canonical gauge, marginals in the
+        log domain (two passes, once per solve as a rule: a ``lax.cond``). The kernel
+        engine's marginals come from the scaled kernel and can miss the true error
+        when the potentials are large (rounding of ``K~``), and in float32 near the
+        rounding floor the gauge shift alone can move the error past ``tol``. If the
+        check fails the loop goes on (the kernel engine rebuilds its kernel safely
+        first)."""
+
+        def log_error(s):
+            f, g = _dual.gauge_shift(*engine.potentials(s), p.a, p.b, p.tau_a, p.tau_b)
+            row = jnp.exp(geom.lse(f, g, eps, 1))
+            col = jnp.exp(geom.lse(f, g, eps, 0))
+            ra, rb = problem.residual(f, g, row, col)
+            return (jnp.sum(jnp.abs(ra)) + jnp.sum(jnp.abs(rb))).astype(err.dtype)
+
+        p = problem
+        err = jax.lax.cond(converged, log_error, lambda s: err, s)
+        ok = err <= tol
+        if mode == "kernel":
+            s = s._replace(stale=s.stale | (converged & ~ok))
+        return s, err, converged & ok
+
     def first_block(s, eps):
         """The first block, checked after every iteration: a good start (``init``) that
         converges within it stops there instead of running ``check_every`` iterations.
@@ -333,6 +358,7 @@ def _forward(
             )
             ran = check_every
         err, finite, converged = check(s, eps)
+        s, err, converged = verify(s, eps, err, converged)
         status = jnp.where(
             ~finite, Status.NONFINITE, jnp.where(converged, Status.SUCCESS, Status.MAX_ITER)
         )
@@ -387,14 +413,13 @@ def _traced_defaults(geom, a, b, epsilon, init_fn, init_pair):
     return epsilon, init_pair
 
 
-def _solve(forward, problem: _dual.Problem, init, implicit_diff) -> OTSolution:
-    """Run a solver's ``forward`` through `otlab.implicit` and pack the solution."""
-    f, g, (status, n_iter, err, errors) = implicit.solve(forward, problem, init, implicit_diff)
+def _solve(forward, problem: _dual.Problem, init, implicit_diff, tol: float) -> OTSolution:
+    """Run a solver's ``forward`` through `otlab.implicit` and pack the solution
+    (`otlab.solution.build`: zero-weight potentials and the final log-domain check)."""
+    f, g, (status, n_iter, _, errors) = implicit.solve(forward, problem, init, implicit_diff)
     p = problem
     status = _runtime_status(status, f, g, p.a, p.b, p.epsilon, p.tau_a, p.tau_b)
-    return OTSolution(
-        f, g, p.geom, p.a, p.b, p.epsilon, p.tau_a, p.tau_b, status, n_iter, err, errors
-    )
+    return solution.build(problem, f, g, status, n_iter, errors, tol)
 
 
 def _runtime_status(status, f, g, a, b, epsilon, tau_a, tau_b):
@@ -459,7 +484,7 @@ def _sinkhorn(
         unroll=unroll,
         translate=translate,
     )
-    return _solve(forward, problem, (*init_pair, epsilon_init), implicit_diff)
+    return _solve(forward, problem, (*init_pair, epsilon_init), implicit_diff, tol)
 
 
 def sinkhorn(
@@ -491,7 +516,8 @@ def sinkhorn(
             hard marginal constraint, smaller relaxes it with a KL penalty.
         tau_b: same for ``b``.
         tol: static. Stop when the L1 optimality residual (``|P1 - a|_1 +
-            |P^T1 - b|_1`` when balanced) is ``<= tol``.
+            |P^T1 - b|_1`` when balanced) is ``<= tol``; ``SUCCESS`` means the
+            returned potentials meet it when re-evaluated in the log domain.
         max_iter: static iteration cap.
         check_every: static. Iterations between residual checks.
         init: ``None`` (zero potentials), ``"auto"`` (`otlab.initializers.auto`:
@@ -572,12 +598,24 @@ def sinkhorn_divergence(
     check_every: int = 10,
     mode: str = "auto",
     init: Init = None,
-) -> Array:
+    with_status: bool = False,
+) -> Array | tuple[Array, Array]:
     """Debiased Sinkhorn divergence ``OT(a, b) - (OT(a, a) + OT(b, b)) / 2``.
 
     Non-negative, zero iff the measures coincide, and a smooth, convex surrogate
     of ``W_p^p`` (Feydy et al., 2019). All three problems use the same epsilon
     (default ``0.05 *`` the mean cost between ``x`` and ``y``).
+
+    The value is NaN unless all three solves converged (``status == SUCCESS``,
+    see `otlab.OTSolution.converged`), under ``jit`` too: a loss built on it never
+    silently uses an unconverged value, and its gradient is then zero, not the
+    garbage gradient of an unconverged solve. ``with_status=True`` also returns
+    the worst of the three status codes. Rounding can make the debiased sum
+    slightly negative for nearly equal measures; it is clipped at zero. As
+    ``epsilon -> inf`` every plan tends to the product measure and the divergence
+    to ``<C, ab> - (<C, aa> + <C, bb>) / 2`` (for the squared Euclidean cost,
+    ``|mean(x) - mean(y)|^2``); `OTSolution.reg_cost` is evaluated in primal form
+    there, so huge epsilons give that limit instead of rounding noise.
 
     Args:
         x: ``(n, d)`` source points.
@@ -594,17 +632,27 @@ def sinkhorn_divergence(
         init: ``None``, ``"auto"`` or an initializer ``init(geom, a, b, epsilon)``
             (`otlab.initializers`), applied to each of the three problems; a
             precomputed pair cannot serve all three and raises ``ValueError``.
+        with_status: static. Return ``(divergence, status)``, ``status`` the
+            largest (worst) of the three solves' `otlab.Status` codes.
+
+    Returns:
+        The divergence (a scalar, NaN unless the three solves converged), or
+        ``(divergence, status)`` with ``with_status=True``.
 
     Example:
-        >>> import jax, otlab
+        >>> import jax, jax.numpy as jnp, otlab
         >>> x = jax.random.normal(jax.random.key(0), (100, 2))
         >>> float(otlab.sinkhorn_divergence(x, x, epsilon=0.1)) < 1e-4
         True
         >>> y = 2.0 * x + 1.0
-        >>> d0 = otlab.sinkhorn_divergence(x, y, epsilon=0.1)
-        >>> d1 = otlab.sinkhorn_divergence(x, y, epsilon=0.1, init="auto")
+        >>> d0 = otlab.sinkhorn_divergence(x, y, epsilon=0.2)
+        >>> d1 = otlab.sinkhorn_divergence(x, y, epsilon=0.2, init="auto")
         >>> bool(abs(d1 - d0) < 1e-3 * d0)
         True
+        >>> d, status = otlab.sinkhorn_divergence(x, y, epsilon=1e-4, max_iter=10,
+        ...                                       with_status=True)
+        >>> bool(jnp.isnan(d)), otlab.Status.name(status)
+        (True, 'MAX_ITER')
     """
     from otlab.geometry import PointCloud
 
@@ -621,7 +669,15 @@ def sinkhorn_divergence(
     opts = dict(
         epsilon=epsilon, tol=tol, max_iter=max_iter, check_every=check_every, mode=mode, init=init
     )
-    ot_xy = sinkhorn(gxy, a, b, **opts).reg_cost
-    ot_xx = sinkhorn(PointCloud(x, x, cost, block_size), a, a, **opts).reg_cost
-    ot_yy = sinkhorn(PointCloud(y, y, cost, block_size), b, b, **opts).reg_cost
-    return ot_xy - 0.5 * (ot_xx + ot_yy)
+    s_xy = sinkhorn(gxy, a, b, **opts)
+    s_xx = sinkhorn(PointCloud(x, x, cost, block_size), a, a, **opts)
+    s_yy = sinkhorn(PointCloud(y, y, cost, block_size), b, b, **opts)
+    return _divergence(s_xy, s_xx, s_yy, with_status)
+
+
+def _divergence(s_xy: OTSolution, s_xx: OTSolution, s_yy: OTSolution, with_status: bool):
+    """The debiased value of three solutions: NaN unless all converged, clipped at 0."""
+    status = jnp.maximum(jnp.maximum(s_xy.status, s_xx.status), s_yy.status)
+    value = s_xy.reg_cost - 0.5 * (s_xx.reg_cost + s_yy.reg_cost)
+    value = jnp.where(status == Status.SUCCESS, jnp.maximum(value, 0.0), jnp.nan)
+    return (value, status) if with_status else value

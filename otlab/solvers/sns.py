@@ -317,7 +317,7 @@ def _sns(
         _forward, tol=tol, max_iter=max_iter, warmup=warmup, budgets=budgets,
         dense_rung=dense_rung, direct_max=direct_max, cg_max_iter=cg_max_iter, translate=translate,
     )
-    return sinkhorn_lib._solve(forward, problem, init_pair, implicit_diff)
+    return sinkhorn_lib._solve(forward, problem, init_pair, implicit_diff, tol)
 
 
 def sns(

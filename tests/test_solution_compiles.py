@@ -1,0 +1,57 @@
+"""Eager calls of a solution's derived values compile once per signature.
+
+A ``lax.cond`` or ``lax.map`` built on fresh closures and called outside ``jit``
+compiles a new XLA program on every call; each loaded CPU executable keeps its
+memory mappings, and a few thousand such calls (a property test, a notebook loop)
+exhausted ``vm.max_map_count`` and crashed XLA with a segfault or an abort.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.monitoring
+import jax.numpy as jnp
+import numpy as np
+
+import otlab
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def count_compiles():
+    events = []
+
+    def listener(name, _secs, **_):
+        if name == _COMPILE_EVENT:
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _values(sol):
+    z = jnp.zeros((3, 2), sol.f.dtype)
+    return (sol.reg_cost, sol.cost, sol.plan(), sol.marginals(), sol.apply(jnp.ones(sol.g.shape)),
+            sol.apply(jnp.ones(sol.f.shape), axis=0), sol.transport(z))
+
+
+def test_repeated_eager_calls_do_not_compile():
+    rng = np.random.default_rng(0)
+    for block_size in (None, 4):
+        sols = []
+        for i in range(3):
+            x = jnp.asarray(rng.normal(size=(7, 2)), jnp.float32)
+            y = jnp.asarray(rng.normal(size=(9, 2)), jnp.float32)
+            geom = otlab.PointCloud(x, y, block_size=block_size)
+            sols.append(otlab.sinkhorn(geom, epsilon=0.1 * (i + 1)))
+        jax.block_until_ready(_values(sols[0]))  # compiles each derived value once
+        with count_compiles() as compiles:
+            for sol in sols[1:]:
+                jax.block_until_ready(_values(sol))
+        assert not compiles, (block_size, len(compiles))

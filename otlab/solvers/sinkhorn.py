@@ -206,6 +206,11 @@ class _KernelEngine:
 
 # --------------------------------------------------------------------------- loop
 
+#: Most entries of ``OTSolution.errors``: with more than ``MAX_HISTORY`` blocks of
+#: ``check_every`` iterations, ``errors[k]`` is the last check of blocks
+#: ``k * stride ... (k + 1) * stride - 1``, ``stride = ceil(blocks / MAX_HISTORY)``.
+MAX_HISTORY = 1000
+
 
 class _Loop(NamedTuple):
     state: Any
@@ -279,7 +284,11 @@ def _forward(
     f0, g0, epsilon_init = init
     geom = problem.geom.materialize()
     engine = _KernelEngine if mode == "kernel" else _LogEngine
-    n_blocks = -(-max_iter // check_every)
+    # Exactly max_iter iterations at most: blocks of check_every, then a shorter one.
+    check_every = min(check_every, max_iter)
+    n_full, rem = divmod(max_iter, check_every)
+    n_blocks = n_full + (rem > 0)
+    stride = -(-n_blocks // MAX_HISTORY)  # errors[k]: the last check of blocks k*stride...
     dtype = problem.a.dtype
     eps_target = problem.epsilon
 
@@ -319,7 +328,7 @@ def _forward(
         (s, k, _), _ = jax.lax.scan(one, carry, length=check_every)
         return s, k
 
-    def body(loop: _Loop, first: bool = False) -> _Loop:
+    def body(loop: _Loop, first: bool = False, length: int = check_every) -> _Loop:
         eps = eps_at(loop.block)
         s = loop.state
         if epsilon_init is not None:  # static: annealing on or off
@@ -329,9 +338,9 @@ def _forward(
             s, ran = first_block(s, eps)
         else:
             s, _ = jax.lax.scan(
-                lambda s, _: (engine.step(problem, geom, s), None), s, length=check_every
+                lambda s, _: (engine.step(problem, geom, s), None), s, length=length
             )
-            ran = check_every
+            ran = length
         err, finite, converged = check(s, eps)
         status = jnp.where(
             ~finite, Status.NONFINITE, jnp.where(converged, Status.SUCCESS, Status.MAX_ITER)
@@ -341,7 +350,7 @@ def _forward(
             loop.block + 1,
             loop.iters + ran,
             err,
-            loop.errors.at[loop.block].set(err),
+            loop.errors.at[loop.block // stride].set(err),
             status.astype(jnp.int32),
             (~finite) | converged,
         )
@@ -356,21 +365,25 @@ def _forward(
         jnp.asarray(0),
         jnp.asarray(0),
         jnp.asarray(jnp.inf, dtype),
-        jnp.full((n_blocks,), -1.0, dtype),
+        jnp.full((-(-n_blocks // stride),), -1.0, dtype),
         jnp.asarray(Status.MAX_ITER, jnp.int32),
         jnp.asarray(False),
     )
     loop = body(loop, first=True)
     if unroll:
         # A fixed-length scan (reverse-differentiable); blocks after the stop are no-ops.
-        def scan_body(loop, _):
-            new = body(loop)
+        def scan_body(loop, _, length=check_every):
+            new = body(loop, length=length)
             return jax.tree.map(lambda x, y: jnp.where(loop.done, x, y), loop, new), None
 
-        if n_blocks > 1:
-            loop, _ = jax.lax.scan(scan_body, loop, length=n_blocks - 1)
+        if n_full > 1:
+            loop, _ = jax.lax.scan(scan_body, loop, length=n_full - 1)
+        if rem:
+            loop, _ = scan_body(loop, None, length=rem)
     else:
-        loop = jax.lax.while_loop(lambda lp: (~lp.done) & (lp.block < n_blocks), body, loop)
+        loop = jax.lax.while_loop(lambda lp: (~lp.done) & (lp.block < n_full), body, loop)
+        if rem:  # static: only when check_every does not divide max_iter
+            loop = jax.lax.cond(loop.done, lambda lp: lp, lambda lp: body(lp, length=rem), loop)
     f, g = engine.potentials(loop.state)
     return f, g, (loop.status, loop.iters, loop.err, loop.errors)
 
@@ -381,7 +394,7 @@ def _forward(
 def _traced_defaults(geom, a, b, epsilon, init_fn, init_pair):
     """Inside a solver's ``jit``: the default epsilon and the initial potentials."""
     if epsilon is None:
-        epsilon = 0.05 * jax.lax.stop_gradient(geom.mean_cost())
+        epsilon = geom.default_epsilon()
     if init_fn is not None or init_pair is None:
         init_pair = _checks.potentials(init_fn, geom, a, b, epsilon)
     return epsilon, init_pair
@@ -405,9 +418,11 @@ def _runtime_status(status, f, g, a, b, epsilon, tau_a, tau_b):
     unequal = (jnp.abs(jnp.sum(a) - jnp.sum(b)) > 1e-5 * jnp.maximum(jnp.sum(a), jnp.sum(b))) & (
         _dual.is_balanced(tau_a, tau_b) > 0
     )
-    status = jnp.where(negative | unequal, Status.INFEASIBLE, status)
     finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
-    return jnp.where(finite, status, Status.NONFINITE).astype(jnp.int32)
+    status = jnp.where(finite, status, Status.NONFINITE)
+    # An infeasible problem (e.g. epsilon = 0, which also makes the potentials NaN)
+    # is reported as such, not as the NaN it causes.
+    return jnp.where(negative | unequal, Status.INFEASIBLE, status).astype(jnp.int32)
 
 
 
@@ -617,7 +632,7 @@ def sinkhorn_divergence(
 
     gxy = PointCloud(x, y, cost, block_size)
     if epsilon is None:
-        epsilon = 0.05 * jax.lax.stop_gradient(gxy.mean_cost())
+        epsilon = gxy.default_epsilon()
     opts = dict(
         epsilon=epsilon, tol=tol, max_iter=max_iter, check_every=check_every, mode=mode, init=init
     )

@@ -604,6 +604,9 @@ def auto(geom: Geometries, a: Array, b: Array, epsilon: Array) -> tuple[Array, A
     outside ``vmap``): a run there is tens to hundreds of iterations, the two passes would cost
     up to ~15 % of it, and the candidates in use have not hurt there.
 
+    A candidate with a non-finite entry is never returned (zeros instead; an
+    ``O(n + m)`` check).
+
     Args:
         geom: any otlab geometry.
         a: ``(n,)`` source weights.
@@ -632,7 +635,10 @@ def auto(geom: Geometries, a: Array, b: Array, epsilon: Array) -> tuple[Array, A
         return jnp.where(better, f0, zeros[0]), jnp.where(better, g0, zeros[1])
 
     small = epsilon < SAFEGUARD_BELOW * _mean_cost(geom, a, b)
-    return jax.lax.cond(small, checked, lambda _: (f0, g0), None)
+    f0, g0 = jax.lax.cond(small, checked, lambda _: (f0, g0), None)
+    # Never a non-finite start (e.g. degenerate data the candidate cannot handle).
+    finite = jnp.all(jnp.isfinite(f0)) & jnp.all(jnp.isfinite(g0))
+    return jnp.where(finite, f0, zeros[0]), jnp.where(finite, g0, zeros[1])
 
 
 def _mean_cost(geom, a: Array, b: Array) -> Array:

@@ -413,7 +413,8 @@ def _solve(forward, problem: _dual.Problem, init, implicit_diff) -> OTSolution:
 def _runtime_status(status, f, g, a, b, epsilon, tau_a, tau_b):
     """Final status: run-time infeasibility (values the eager checks could not see
     under ``jit``) and non-finite potentials override the loop's status."""
-    bad_param = ~(epsilon > 0) | ~((tau_a > 0) & (tau_a <= 1)) | ~((tau_b > 0) & (tau_b <= 1))
+    # (NaN parameters are not infeasible but NONFINITE: these comparisons are False.)
+    bad_param = (epsilon <= 0) | (tau_a <= 0) | (tau_a > 1) | (tau_b <= 0) | (tau_b > 1)
     negative = jnp.any(a < 0) | jnp.any(b < 0) | bad_param
     unequal = (jnp.abs(jnp.sum(a) - jnp.sum(b)) > 1e-5 * jnp.maximum(jnp.sum(a), jnp.sum(b))) & (
         _dual.is_balanced(tau_a, tau_b) > 0

@@ -126,7 +126,9 @@ class OTSolution:
         errors: ``marginal_error`` after each block of ``check_every`` iterations
             (Sinkhorn checks every iteration of its first block and stops there as
             soon as it converges: ``errors[0]`` is then the error at ``n_iter``);
-            ``-1`` where not computed.
+            ``-1`` where not computed. At most ``MAX_HISTORY`` (1000) entries: with
+            more blocks, each entry is the last check of ``stride`` consecutive
+            blocks (`otlab.solvers.sinkhorn.MAX_HISTORY`).
     """
 
     f: Array
@@ -151,7 +153,7 @@ class OTSolution:
             names = np.atleast_1d(Status.name(status))
             uniq, counts = np.unique(names, return_counts=True)
             status = names[0] if not batch else ", ".join(
-                f"{u} x{c}" for u, c in zip(uniq, counts)
+                f"{u} x{c}" for u, c in zip(uniq, counts, strict=True)
             )
         else:
             status = _summary(status)

@@ -502,13 +502,16 @@ def sinkhorn(
             ott-jax geometry, or an ``(n, m)`` cost matrix.
         a: ``(n,)`` non-negative source weights (traced); default uniform.
         b: ``(m,)`` non-negative target weights (traced); default uniform.
-        epsilon: entropic regularisation (traced); default ``0.05 * mean(C)``.
+        epsilon: entropic regularisation (traced); default: the ott-jax geometry's
+            own, else ``geom.default_epsilon()`` (``0.05 *`` the mean finite cost;
+            finite and positive for every input).
         tau_a: ``rho_a / (rho_a + epsilon)`` in ``(0, 1]`` (traced); ``1`` is a
             hard marginal constraint, smaller relaxes it with a KL penalty.
         tau_b: same for ``b``.
         tol: static. Stop when the L1 optimality residual (``|P1 - a|_1 +
             |P^T1 - b|_1`` when balanced) is ``<= tol``.
-        max_iter: static iteration cap.
+        max_iter: static iteration cap, honoured exactly (the last block is
+            shortened when ``check_every`` does not divide it).
         check_every: static. Iterations between residual checks.
         init: ``None`` (zero potentials), ``"auto"`` (`otlab.initializers.auto`:
             the best applicable data-dependent initializer), a pair ``(f0, g0)``

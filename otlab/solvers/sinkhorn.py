@@ -350,7 +350,7 @@ def _forward(
             loop.block + 1,
             loop.iters + ran,
             err,
-            loop.errors.at[loop.block // stride].set(err),
+            loop.errors.at[loop.block // stride if stride > 1 else loop.block].set(err),
             status.astype(jnp.int32),
             (~finite) | converged,
         )

@@ -126,7 +126,7 @@ class OTSolution:
         errors: ``marginal_error`` after each block of ``check_every`` iterations
             (Sinkhorn checks every iteration of its first block and stops there as
             soon as it converges: ``errors[0]`` is then the error at ``n_iter``);
-            ``-1`` where not computed. At most ``MAX_HISTORY`` (1000) entries: with
+            ``-1`` where not computed. At most ``MAX_HISTORY`` (4096) entries: with
             more blocks, each entry is the last check of ``stride`` consecutive
             blocks (`otlab.solvers.sinkhorn.MAX_HISTORY`).
     """

@@ -209,7 +209,7 @@ class _KernelEngine:
 #: Most entries of ``OTSolution.errors``: with more than ``MAX_HISTORY`` blocks of
 #: ``check_every`` iterations, ``errors[k]`` is the last check of blocks
 #: ``k * stride ... (k + 1) * stride - 1``, ``stride = ceil(blocks / MAX_HISTORY)``.
-MAX_HISTORY = 1000
+MAX_HISTORY = 4096
 
 
 class _Loop(NamedTuple):

@@ -24,6 +24,7 @@ help:
 	@echo "make docs   - build the documentation site into site/ (mkdocs --strict)"
 	@echo "make lint   - ruff check"
 	@echo "make clean  - remove build outputs and caches (distclean also removes .venv)"
+	@echo "make lab    - install JupyterLab into .venv (once) and open the notebooks"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -68,3 +69,11 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# JupyterLab is not a project dependency: installed into .venv on first use. The
+# kernel is .venv's python (ipykernel is a dev dependency); MPLBACKEND=Agg (exported
+# above for the scripted targets) is dropped so that plots show inline.
+.PHONY: lab
+lab: $(STAMP)
+	@$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install 'jupyterlab>=4,<5'
+	env -u MPLBACKEND $(VENV)/bin/jupyter lab notebooks

@@ -25,9 +25,18 @@ def weights(w, size: int, name: str, dtype):
         raise ValueError(f"`{name}`: the geometry has no points on this side.")
     if w is None:
         return jnp.full((size,), 1.0 / size, dtype=dtype)
+    _real(w, name)
     w = jnp.asarray(w, dtype=dtype) if not isinstance(w, jax.core.Tracer) else w.astype(dtype)
     if w.shape != (size,):
-        raise ValueError(f"`{name}` must have shape ({size},) to match the geometry; got {w.shape}.")
+        hint = (
+            " Solvers take a geometry and weights, `sinkhorn(geom, a, b)`: pass point clouds as "
+            "`otlab.PointCloud(x, y)`."
+            if w.ndim >= 2
+            else ""
+        )
+        raise ValueError(
+            f"`{name}` must have shape ({size},) to match the geometry; got {w.shape}.{hint}"
+        )
     if _concrete(w):
         wn = np.asarray(w)
         if not np.all(np.isfinite(wn)):
@@ -39,8 +48,15 @@ def weights(w, size: int, name: str, dtype):
     return w
 
 
+def _real(x, name: str):
+    """Complex values are rejected, never silently cast to their real part."""
+    if jnp.iscomplexobj(x):
+        raise ValueError(f"`{name}` must be real; got complex values ({jnp.result_type(x)}).")
+
+
 def positive_scalar(x, name: str, dtype, upper: float | None = None):
     """A positive (traced) scalar; ``upper`` is an inclusive bound."""
+    _real(x, name)
     x = jnp.asarray(x, dtype=dtype) if not isinstance(x, jax.core.Tracer) else x.astype(dtype)
     if x.ndim != 0:
         raise ValueError(f"`{name}` must be a scalar; got shape {x.shape}.")
@@ -77,7 +93,25 @@ def geometry(geom):
             raise ValueError(f"`geom.{name}` must be 2-D; got shape {arr.shape}.")
     if not jnp.issubdtype(geom.dtype, jnp.floating):
         raise ValueError(f"`geom` must hold floating-point data; got {geom.dtype}.")
+    if jnp.finfo(geom.dtype).bits < 32:
+        raise ValueError(
+            f"`geom` holds {jnp.dtype(geom.dtype).name} data: otlab's solvers run in float32 or "
+            "float64 (half precision cannot reach their tolerances, and LAPACK has no half-"
+            "precision routines); cast the points or costs with `.astype(jnp.float32)`."
+        )
     return geom
+
+
+def ott_epsilon(geom):
+    """The epsilon an ott-jax geometry was given (``epsilon=`` or ``relative_epsilon=``),
+    else ``None`` (ott's own default, ``0.05 * std(C)``, is not otlab's)."""
+    if not (type(geom).__module__ or "").startswith("ott."):
+        return None
+    if getattr(geom, "_epsilon_init", None) is None and getattr(
+        geom, "_relative_epsilon", None
+    ) is None:
+        return None
+    return geom.epsilon
 
 
 def potentials(init, geom, a, b, epsilon) -> tuple:
@@ -110,7 +144,7 @@ def positive_int(value, name: str):
 
 
 def nonnegative_int(value, name: str):
-    if not isinstance(value, int) or value < 0:
+    if not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"`{name}` must be a non-negative int; got {value!r}.")
 
 
@@ -120,6 +154,8 @@ def problem(geom, a, b, epsilon, tau_a, tau_b):
     Returns ``(geom, a, b, epsilon, tau_a, tau_b)`` converted to the geometry's
     dtype (``epsilon`` stays ``None`` when not given).
     """
+    if epsilon is None:
+        epsilon = ott_epsilon(geom)
     geom = geometry(geom)
     n, m = geom.shape
     dtype = geom.dtype

@@ -133,7 +133,10 @@ class Cosine(Cost):
         return self.all_pairs(x[None], y[None])[0, 0]
 
     def all_pairs(self, x, y):
-        tiny = jnp.finfo(x.dtype).tiny
+        # Integer points are cosines too: compute in (at least) the default float.
+        dtype = jnp.promote_types(jnp.result_type(x, y), jnp.float32)
+        x, y = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+        tiny = jnp.finfo(dtype).tiny
         xn = x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), tiny))
         yn = y / jnp.sqrt(jnp.maximum(jnp.sum(y * y, -1, keepdims=True), tiny))
         return 1.0 - xn @ yn.T
@@ -212,6 +215,15 @@ class OTTCost(Cost):
         return self.cost_fn.all_pairs(x, y)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _StaticOTTCost(OTTCost):
+    """An ott-jax ``CostFn`` that is not a registered pytree: held as static data
+    (hashed like the object; its parameters are constants, not differentiated)."""
+
+    cost_fn: object = _static()
+
+
 #: What a geometry accepts as ``cost``.
 CostLike = Cost | Callable[[jax.Array, jax.Array], jax.Array] | None
 
@@ -221,8 +233,10 @@ def as_cost(cost: CostLike) -> Cost:
 
     Args:
         cost: ``None`` (squared Euclidean), an otlab cost, an ott-jax ``CostFn``
-            (ott's squared Euclidean maps to `SqEuclidean`), or a callable
-            ``c(x, y) -> scalar`` on single points.
+            (ott's squared Euclidean maps to `SqEuclidean`; a ``CostFn`` subclass
+            that is not a registered pytree is held as static data, its parameters
+            then being constants), or a callable ``c(x, y) -> scalar`` on single
+            points.
 
     Raises:
         ValueError: if ``cost`` is none of these.
@@ -238,6 +252,18 @@ def as_cost(cost: CostLike) -> Cost:
     if ott_costs is not None and isinstance(cost, ott_costs.CostFn):
         if type(cost) is ott_costs.SqEuclidean:
             return SqEuclidean()
+        if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(cost)):
+            # Not a registered pytree: it cannot be a traced leaf of a geometry.
+            try:
+                hash(cost)
+            except TypeError:
+                raise ValueError(
+                    f"`cost`: the ott-jax cost {type(cost).__name__} is neither a registered "
+                    "pytree nor hashable; decorate its class with "
+                    "`@jax.tree_util.register_pytree_node_class` (as ott-jax's own costs are) "
+                    "or make it hashable to use it as a static cost."
+                ) from None
+            return _StaticOTTCost(cost)
         return OTTCost(cost)
     if callable(cost):
         return FunctionCost(cost)

@@ -155,6 +155,25 @@ def _map_blocks(fn, block_size: int, args: tuple) -> Any:
     return jax.tree.map(lambda o: o.reshape((nb * block_size,) + o.shape[2:])[:n], out)
 
 
+def _finite_stats(c: Array, axis=None) -> tuple[Array, Array, Array]:
+    """``(max |C|, sum C / max |C|, count)`` over finite entries, along ``axis``
+    (``None``: all); overflow-free, see `_GeometryBase.default_epsilon`."""
+    finite = jnp.isfinite(c)
+    c = jnp.where(finite, c, 0.0)
+    mx = jnp.max(jnp.abs(c), axis=axis)
+    scale = jnp.where(mx > 0, mx, 1.0)
+    scale = scale if axis is None else jnp.expand_dims(scale, axis)
+    total = jnp.sum(c / scale, axis=axis)
+    return mx, total, jnp.sum(finite, axis=axis).astype(c.dtype)
+
+
+def _combine_stats(mx: Array, total: Array, count: Array) -> tuple[Array, Array, Array]:
+    """Merge per-row `_finite_stats` into one."""
+    top = jnp.max(mx)
+    ratio = jnp.where(top > 0, mx / jnp.where(top > 0, top, 1.0), 0.0)
+    return top, jnp.sum(total * ratio), jnp.sum(count)
+
+
 # ------------------------------------------------------------------------ operators
 
 
@@ -248,8 +267,38 @@ class _GeometryBase:
         return tuple(jnp.sum(t, 0))
 
     def mean_cost(self) -> Array:
-        """Mean entry of the cost matrix (the default scale of ``epsilon``)."""
+        """Mean entry of the cost matrix."""
         return jnp.mean(self.cost_matrix)
+
+    def _finite_stats(self) -> tuple[Array, Array, Array]:
+        """``(max |C|, sum C / max |C|, count)`` over the finite entries of ``C``."""
+        return _finite_stats(self.cost_matrix)
+
+    def default_epsilon(self, fraction: float = 0.05) -> Array:
+        """The solvers' default epsilon: ``fraction`` times the mean finite cost.
+
+        Finite and positive for every input: non-finite entries (``+inf`` for
+        forbidden pairs) are left out of the mean, the mean is taken as
+        ``max|C| * mean(C / max|C|)`` (no overflow at costs ~1e35 in float32), a cost
+        that is zero (or has no finite entry) falls back to a scale of 1 (the plan
+        is then ``a b^T`` for every epsilon), and the result is at least
+        ``tiny / eps_mach`` of the dtype (about 1e-31 in float32: no underflow to 0,
+        or to subnormals that the CPU flushes to 0, for costs ~1e-38). No gradient
+        flows through it (``stop_gradient``).
+
+        Example:
+            >>> import jax.numpy as jnp, otlab
+            >>> c = jnp.array([[0.0, 3.0], [jnp.inf, 0.0]])  # mean finite cost 1
+            >>> round(float(otlab.Geometry(c).default_epsilon()), 6)
+            0.05
+            >>> round(float(otlab.Geometry(jnp.zeros((3, 3))).default_epsilon()), 6)  # scale 1
+            0.05
+        """
+        mx, total, count = jax.lax.stop_gradient(self._finite_stats())
+        mean = mx * (total / jnp.maximum(count, 1.0))
+        mean = jnp.where(jnp.isfinite(mean) & (mean > 0), mean, jnp.ones_like(mean))
+        info = jnp.finfo(mean.dtype)
+        return jnp.maximum(fraction * mean, info.tiny / info.eps)
 
     def marginals(self, f: Array, g: Array, epsilon: Array) -> tuple[Array, Array]:
         """``(P 1, P^T 1)`` from one pass of exponentials (no max shift: meant for
@@ -341,9 +390,11 @@ class PointCloud(_GeometryBase):
         object.__setattr__(self, "y", y)
         object.__setattr__(self, "cost", costs_lib.as_cost(self.cost))
         if self.block_size is not None and (
-            not isinstance(self.block_size, int) or self.block_size < 1
+            not isinstance(self.block_size, (int, np.integer)) or self.block_size < 1
         ):
             raise ValueError(f"`block_size` must be a positive int or None, got {self.block_size!r}.")
+        if isinstance(self.block_size, np.integer):  # static: a plain int, as max_iter
+            object.__setattr__(self, "block_size", int(self.block_size))
         if _has_shape(x, y):  # ``ndim >= 2``: see ``Geometry.__post_init__``
             if x.ndim < 2 or y.ndim < 2:
                 raise ValueError(
@@ -432,6 +483,14 @@ class PointCloud(_GeometryBase):
         rows = _map_blocks(lambda xb: jnp.sum(self._cost_rows(xb), 1), self.block_size, (self.x,))
         return jnp.sum(rows) / (self.shape[0] * self.shape[1])
 
+    def _finite_stats(self):
+        if not self.is_online:
+            return super()._finite_stats()
+        mx, total, count = _map_blocks(
+            lambda xb: _finite_stats(self._cost_rows(xb), axis=1), self.block_size, (self.x,)
+        )
+        return _combine_stats(mx, total, count)
+
     def marginals(self, f, g, epsilon):
         if not self.is_online:
             return super().marginals(f, g, epsilon)
@@ -453,9 +512,11 @@ class PointCloud(_GeometryBase):
         ``w_j(x)`` is the softmax over ``j`` of ``(g_j - c(x, y_j)) / epsilon``: the
         conditional of the plan extended to ``x`` by the c-transform of ``g``.
         """
+        x_new = jnp.asarray(x_new)
         new = PointCloud(jnp.atleast_2d(x_new), self.y, self.cost, self.block_size)
         f_new = -epsilon * new.lse(jnp.zeros(new.shape[0], new.dtype), g, epsilon, axis=1)
-        return new.plan_operator(f_new, g, epsilon).matvec(self.y)
+        out = new.plan_operator(f_new, g, epsilon).matvec(self.y)
+        return out[0] if x_new.ndim == 1 else out
 
 
 #: What solvers accept as ``geom``: an otlab geometry, an ott-jax geometry or a
@@ -467,8 +528,9 @@ def from_ott(geom: Any) -> Geometry | PointCloud:
     """Convert an ott-jax geometry: a ``PointCloud`` keeps its points and cost,
     anything else becomes a dense `Geometry` of its cost matrix.
 
-    ott-jax's ``epsilon`` is not part of an otlab geometry: pass
-    ``epsilon=ott_geom.epsilon`` to the solver.
+    ott-jax's ``epsilon`` is not part of an otlab geometry; the solvers, given an
+    ott-jax geometry and no ``epsilon``, use the one it was built with
+    (``epsilon=`` or ``relative_epsilon=``; otherwise otlab's default).
     """
     from ott.geometry import pointcloud as ott_pc
 

@@ -133,6 +133,18 @@ def _point_cloud(geom, name: str) -> geometry_lib.PointCloud:
     return geom
 
 
+def _check_weights(geom, a, b, name: str) -> None:
+    """Shapes are static: wrong-length weights raise here, not inside a gather."""
+    n, m = geom.shape
+    for w, size, wname in ((a, n, "a"), (b, m, "b")):
+        shape = getattr(w, "shape", None)
+        if shape != (size,):
+            raise ValueError(
+                f"`{name}`: `{wname}` must have shape ({size},) to match the geometry; "
+                f"got {shape}."
+            )
+
+
 def _weighted_moments(x: Array, w: Array) -> tuple[Array, Array]:
     w = w / jnp.sum(w)
     mean = w @ x
@@ -194,12 +206,23 @@ def gaussian_map(cov_a: Array, cov_b: Array, epsilon: Array | float = 0.0) -> Ar
         >>> bool(jnp.all(jnp.diag(gaussian_map(jnp.eye(2), 4.0 * jnp.eye(2), 1.0)) < 2.0))
         True
     """
-    eye = jnp.eye(cov_a.shape[0], dtype=cov_a.dtype)
-    s = jnp.asarray(epsilon, cov_a.dtype) / 4.0
+    dtype = jnp.result_type(cov_a, cov_b)
+    # LAPACK's eigh has no half precision: compute in float32, return in the input's dtype.
+    work = jnp.promote_types(dtype, jnp.float32)
+    cov_a, cov_b = cov_a.astype(work), cov_b.astype(work)
+    eye = jnp.eye(cov_a.shape[0], dtype=work)
+    s = jnp.asarray(epsilon, work) / 4.0
+    # ``A`` is invariant under (S_a, S_b, eps) -> k (S_a, S_b, eps): work at unit scale,
+    # with a ridge of 10 ulps, so that singular covariances (one point, coincident or
+    # collinear points) give a finite ``A`` (its eps > 0 limit; ``I``-like at eps = 0).
+    k = jax.lax.stop_gradient(jnp.trace(cov_a) + jnp.trace(cov_b) + 2.0 * s * cov_a.shape[0])
+    k = jnp.where(jnp.isfinite(k) & (k > 0), k, 1.0) / cov_a.shape[0]
+    ridge = 10.0 * jnp.finfo(work).eps * eye
+    cov_a, cov_b, s = cov_a / k + ridge, cov_b / k + ridge, s / k
     ra = _psd_power(cov_a, 0.5)
     ria = _psd_power(cov_a, -0.5)
     mid = _psd_power(ra @ cov_b @ ra + s * s * eye, 0.5) - s * eye
-    return ria @ mid @ ria
+    return (ria @ mid @ ria).astype(dtype)
 
 
 # --------------------------------------------------------------------- initializers
@@ -207,6 +230,8 @@ def gaussian_map(cov_a: Array, cov_b: Array, epsilon: Array | float = 0.0) -> Ar
 
 def _check_gaussian(geom) -> geometry_lib.PointCloud:
     geom = _point_cloud(geom, "gaussian")
+    if geom.x.shape[1] == 0:
+        raise ValueError("`gaussian` initializer needs points of dimension >= 1; got 0.")
     if not isinstance(geom.cost, costs_lib.SqEuclidean):
         raise ValueError(
             "`gaussian` initializer needs the squared-Euclidean cost (its potential is the "
@@ -288,6 +313,7 @@ def gaussian_potentials(
         True
     """
     geom = _check_gaussian(geom)
+    _check_weights(geom, a, b, "gaussian_potentials")
     mean_a, cov_a = _weighted_moments(geom.x, a)
     mean_b, cov_b = _weighted_moments(geom.y, b)
     return _quadratic_potentials(geom.x, geom.y, mean_a, cov_a, mean_b, cov_b, epsilon)
@@ -350,21 +376,42 @@ def sorting_potentials(geom: Geometries, a: Array, b: Array) -> tuple[Array, Arr
         2.125
     """
     geom = _check_sortable(geom)
+    _check_weights(geom, a, b, "sorting_potentials")
     x, y = geom.x, geom.y
     px, py = jnp.argsort(x[:, 0]), jnp.argsort(y[:, 0])
     xs, ys = x[px], y[py]
     ca = jnp.cumsum(a[px])[:-1]
     cb = jnp.cumsum(b[py])[:-1] * (jnp.sum(a) / jnp.sum(b))
+    # Cumulative masses equal up to rounding are a tie: the sorted problem splits
+    # into blocks there and the offset between blocks is free in an interval.
+    tie = 16.0 * jnp.finfo(ca.dtype).eps * jnp.sum(a)
     pair = jax.vmap(geom.cost)
-    # Row step i -> i + 1 happens at mass ca[i], in the column reached by then (row
-    # steps first at ties); column step j -> j + 1 at cb[j], in the row reached by then.
-    col = jnp.searchsorted(cb, ca, side="left")
-    row = jnp.searchsorted(ca, cb, side="right")
-    du = pair(xs[1:], ys[col]) - pair(xs[:-1], ys[col])
-    dv = pair(xs[row], ys[1:]) - pair(xs[row], ys[:-1])
-    zero = jnp.zeros((1,), du.dtype)
-    us = jnp.concatenate([zero, jnp.cumsum(du)])
-    vs = geom.cost(xs[0], ys[0]) + jnp.concatenate([zero, jnp.cumsum(dv)])
+
+    def staircase(row_first: bool):
+        # Row step i -> i + 1 happens at mass ca[i], in the column reached by then;
+        # column step j -> j + 1 at cb[j], in the row reached by then. At a tie the
+        # row steps first (``row_first``) or the column does.
+        if row_first:
+            col = jnp.searchsorted(cb, ca - tie, side="left")
+            row = jnp.searchsorted(ca, cb + tie, side="right")
+        else:
+            col = jnp.searchsorted(cb, ca + tie, side="right")
+            row = jnp.searchsorted(ca, cb - tie, side="left")
+        du = pair(xs[1:], ys[col]) - pair(xs[:-1], ys[col])
+        dv = pair(xs[row], ys[1:]) - pair(xs[row], ys[:-1])
+        zero = jnp.zeros((1,), du.dtype)
+        us = jnp.concatenate([zero, jnp.cumsum(du)])
+        vs = geom.cost(xs[0], ys[0]) + jnp.concatenate([zero, jnp.cumsum(dv)])
+        return us, vs
+
+    # Each tie rule makes one of the two cells that cross the tie tight (an extreme
+    # optimal dual, e.g. an offset of 79 across the gap of ott-jax's sorting test,
+    # which the entropic solver then takes thousands of iterations to undo). Their
+    # mean is optimal too and leaves both crossing cells the same slack, which is
+    # where the entropic potentials sit as eps -> 0 (the eps-small masses crossing
+    # the tie in each direction balance). Without ties both rules agree.
+    (ur, vr), (uc, vc) = staircase(True), staircase(False)
+    us, vs = 0.5 * (ur + uc), 0.5 * (vr + vc)
     u = jnp.zeros_like(us).at[px].set(us)
     v = jnp.zeros_like(vs).at[py].set(vs)
     return u, v
@@ -557,6 +604,9 @@ def auto(geom: Geometries, a: Array, b: Array, epsilon: Array) -> tuple[Array, A
     outside ``vmap``): a run there is tens to hundreds of iterations, the two passes would cost
     up to ~15 % of it, and the candidates in use have not hurt there.
 
+    A candidate with a non-finite entry is never returned (zeros instead; an
+    ``O(n + m)`` check).
+
     Args:
         geom: any otlab geometry.
         a: ``(n,)`` source weights.
@@ -585,7 +635,10 @@ def auto(geom: Geometries, a: Array, b: Array, epsilon: Array) -> tuple[Array, A
         return jnp.where(better, f0, zeros[0]), jnp.where(better, g0, zeros[1])
 
     small = epsilon < SAFEGUARD_BELOW * _mean_cost(geom, a, b)
-    return jax.lax.cond(small, checked, lambda _: (f0, g0), None)
+    f0, g0 = jax.lax.cond(small, checked, lambda _: (f0, g0), None)
+    # Never a non-finite start (e.g. degenerate data the candidate cannot handle).
+    finite = jnp.all(jnp.isfinite(f0)) & jnp.all(jnp.isfinite(g0))
+    return jnp.where(finite, f0, zeros[0]), jnp.where(finite, g0, zeros[1])
 
 
 def _mean_cost(geom, a: Array, b: Array) -> Array:

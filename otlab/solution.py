@@ -5,6 +5,19 @@ the problem it solves and the run's diagnostics. The plan is lazy: ``apply``,
 ``transport``, ``cost`` and ``reg_cost`` go through the geometry layer and never
 build the ``n x m`` matrix; only `OTSolution.plan` does.
 
+A *batch* of solutions, as returned by ``jax.vmap(solver)``, has leading batch
+axes on every leaf; its methods and properties apply to each problem (they
+``vmap`` themselves over the batch axes, which they read off ``f.ndim``), and
+their other arguments are shared by the whole batch: ``sols.reg_cost`` has the
+batch's shape, ``sols.transport(x)`` maps the same points ``x`` through each
+solution. ``Status.name(sols.status)`` gives an array of names.
+
+Values derived from a solution whose ``status`` is ``INFEASIBLE`` or
+``NONFINITE`` (``reg_cost``, ``cost``, ``plan()``, ``apply``, ``transport``) are
+NaN, so that a loss computed under ``jit`` cannot use them silently; ``f``,
+``g`` and ``marginals()`` are returned as computed, for diagnosis. After
+``MAX_ITER`` they are the values at the returned (non-converged) potentials.
+
 Example:
     >>> import jax, otlab
     >>> x = jax.random.normal(jax.random.key(0), (50, 2))
@@ -21,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from otlab import _dual
 
@@ -50,9 +64,44 @@ class Status:
     NAMES = ("SUCCESS", "MAX_ITER", "NONFINITE", "INFEASIBLE")
 
     @classmethod
-    def name(cls, code: int) -> str:
-        """The name of an integer status code."""
-        return cls.NAMES[int(code)]
+    def name(cls, code: int | Array) -> str | np.ndarray:
+        """The name of an integer status code; an array of names for an array of
+        codes (e.g. the ``status`` of a batch of solutions).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from otlab import Status
+            >>> Status.name(0), Status.name(jnp.array([0, 1])).tolist()
+            ('SUCCESS', ['SUCCESS', 'MAX_ITER'])
+        """
+        codes = np.asarray(code)
+        if codes.ndim == 0:
+            return cls.NAMES[int(codes)]
+        return np.asarray(cls.NAMES)[codes.astype(int)]
+
+
+def _per_problem(method):
+    """Apply ``method`` to each problem of a batch of solutions (leading axes of
+    ``f`` beyond one), ``vmap``-ing over every leaf; other arguments are shared."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.f.ndim > 1:
+            return jax.vmap(lambda sol: wrapper(sol, *args, **kwargs))(self)
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _summary(x) -> str:
+    if isinstance(x, jax.core.Tracer) or not hasattr(x, "shape"):
+        return f"<{getattr(x, 'dtype', '')}{list(getattr(x, 'shape', ()))}>"
+    v = np.asarray(x)
+    if v.ndim == 0:
+        return f"{v.item():.4g}" if np.issubdtype(v.dtype, np.floating) else str(v.item())
+    if np.issubdtype(v.dtype, np.floating):
+        return f"[{np.min(v):.4g}..{np.max(v):.4g}]"
+    return f"[{np.min(v)}..{np.max(v)}]"
 
 
 @jax.tree_util.register_dataclass
@@ -78,7 +127,9 @@ class OTSolution:
             (Sinkhorn checks every iteration of its first block and stops there as
             soon as it converges: ``errors[0]`` is then the error at ``n_iter``);
             ``-1`` where not computed. The last computed entry is
-            ``marginal_error`` itself (the final re-evaluation).
+            ``marginal_error`` itself (the final re-evaluation). At most ``MAX_HISTORY`` (4096)
+            entries: with more blocks, each entry is the last check of ``stride``
+            consecutive blocks (`otlab.solvers.sinkhorn.MAX_HISTORY`).
     """
 
     f: Array
@@ -93,6 +144,26 @@ class OTSolution:
     n_iter: Array
     marginal_error: Array
     errors: Array
+
+    def __repr__(self) -> str:
+        """A summary (shapes, epsilon, status, iterations, error), not the arrays."""
+        n, batch = self.f.shape[-1], self.f.shape[:-1]
+        m = self.g.shape[-1]
+        status = self.status
+        if not isinstance(status, jax.core.Tracer):
+            names = np.atleast_1d(Status.name(status))
+            uniq, counts = np.unique(names, return_counts=True)
+            status = names[0] if not batch else ", ".join(
+                f"{u} x{c}" for u, c in zip(uniq, counts, strict=True)
+            )
+        else:
+            status = _summary(status)
+        head = f"batch={batch}, " if batch else ""
+        return (
+            f"OTSolution({head}n={n}, m={m}, dtype={self.f.dtype}, "
+            f"epsilon={_summary(self.epsilon)}, status={status}, n_iter={_summary(self.n_iter)}, "
+            f"marginal_error={_summary(self.marginal_error)}, geom={type(self.geom).__name__})"
+        )
 
     @property
     def converged(self) -> Array:
@@ -110,10 +181,17 @@ class OTSolution:
         """
         return self.status == Status.SUCCESS
 
+    def _valid(self, value: Array) -> Array:
+        """``value``, or NaN where the status is ``INFEASIBLE`` or ``NONFINITE``."""
+        bad = (self.status == Status.INFEASIBLE) | (self.status == Status.NONFINITE)
+        return jnp.where(bad, jnp.asarray(jnp.nan, value.dtype), value)
+
+    @_per_problem
     def plan(self) -> Array:
         """The dense ``(n, m)`` plan ``P``. Memory ``n * m``: prefer `apply`."""
         return _plan(self)
 
+    @_per_problem
     def apply(self, v: Array, axis: int = 1) -> Array:
         """Multiply by the plan without building it.
 
@@ -125,26 +203,35 @@ class OTSolution:
             raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
         return _apply(self, v, axis)
 
+
+    @_per_problem
     def marginals(self) -> tuple[Array, Array]:
         """``(P 1, P^T 1)`` from one log-sum-exp pass each."""
         return _marginals(self)
 
     def transport(self, x: Array) -> Array:
-        """Entropic map of points ``x`` (shape ``(k, d)``) into the target cloud.
+        """Entropic map of points ``x`` (shape ``(k, d)``, or ``(d,)`` for one point,
+        returned as ``(d,)``) into the target cloud.
 
         Needs a `PointCloud` geometry. For the source points themselves
         this is the barycentric projection ``P y / (P 1)``.
         """
         if not hasattr(self.geom, "transport"):
             raise ValueError("`transport` needs a PointCloud geometry (points and a cost).")
+        return self._transport(x)
+
+    @_per_problem
+    def _transport(self, x: Array) -> Array:
         return _transport(self, x)
 
     @property
+    @_per_problem
     def cost(self) -> Array:
         """Transport cost of the plan, ``<C, P>``."""
         return _cost(self)
 
     @property
+    @_per_problem
     def reg_cost(self) -> Array:
         """The entropic objective ``<C,P> + eps KL(P|ab^T) + rho_a KL(P1|a) + rho_b KL(P^T1|b)``.
 
@@ -176,13 +263,13 @@ class OTSolution:
 
 @jax.jit
 def _plan(sol: OTSolution) -> Array:
-    return sol.geom.plan(sol.f, sol.g, sol.epsilon)
+    return sol._valid(sol.geom.plan(sol.f, sol.g, sol.epsilon))
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _apply(sol: OTSolution, v: Array, axis: int) -> Array:
     op = sol.geom.plan_operator(sol.f, sol.g, sol.epsilon)
-    return op.matvec(v) if axis == 1 else op.rmatvec(v)
+    return sol._valid(op.matvec(v) if axis == 1 else op.rmatvec(v))
 
 
 @jax.jit
@@ -195,12 +282,12 @@ def _marginals(sol: OTSolution) -> tuple[Array, Array]:
 
 @jax.jit
 def _transport(sol: OTSolution, x: Array) -> Array:
-    return sol.geom.transport(sol.g, sol.epsilon, x)
+    return sol._valid(sol.geom.transport(sol.g, sol.epsilon, x))
 
 
 @jax.jit
 def _cost(sol: OTSolution) -> Array:
-    return sol.geom.plan_cost(sol.f, sol.g, sol.epsilon)
+    return sol._valid(sol.geom.plan_cost(sol.f, sol.g, sol.epsilon))
 
 
 def _dual_value(sol: OTSolution) -> Array:
@@ -233,7 +320,9 @@ def _reg_cost(self: OTSolution) -> Array:
     dual_rounding = eps * ulp * (1.0 + logs)
     primal_error = (self.marginal_error + ulp) * scale / jnp.sum(a)
     use_primal = (dual_rounding > primal_error) & (_dual.is_balanced(self.tau_a, self.tau_b) > 0)
-    return jax.lax.cond(jax.lax.stop_gradient(use_primal), _primal_value, _dual_value, self)
+    return self._valid(
+        jax.lax.cond(jax.lax.stop_gradient(use_primal), _primal_value, _dual_value, self)
+    )
 
 
 def build(

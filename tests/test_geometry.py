@@ -163,8 +163,10 @@ def test_transport_of_new_points(block_size, dtype):
     w = np.exp(z - logsumexp(z, axis=1, keepdims=True))
     expected = w @ np.asarray(p.y, np.float64)
     np.testing.assert_allclose(out, expected, rtol=1e-4 if dtype == jnp.float32 else 1e-10, atol=1e-5)
-    # a single point (1-D input) is accepted
-    np.testing.assert_allclose(p.geom.transport(g, p.epsilon, x_new[0]), expected[:1], rtol=1e-4, atol=1e-5)
+    # a single point (1-D input) maps to a single point, shape (d,)
+    one = p.geom.transport(g, p.epsilon, x_new[0])
+    assert one.shape == (2,)
+    np.testing.assert_allclose(one, expected[0], rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- conversions

@@ -37,8 +37,9 @@ def count_compiles():
 
 def _values(sol):
     z = jnp.zeros((3, 2), sol.f.dtype)
-    return (sol.reg_cost, sol.cost, sol.plan(), sol.marginals(), sol.apply(jnp.ones(sol.g.shape)),
-            sol.apply(jnp.ones(sol.f.shape), axis=0), sol.transport(z))
+    n, m = sol.f.shape[-1], sol.g.shape[-1]
+    return (sol.reg_cost, sol.cost, sol.plan(), sol.marginals(), sol.apply(jnp.ones(m)),
+            sol.apply(jnp.ones(n), axis=0), sol.transport(z))
 
 
 def test_repeated_eager_calls_do_not_compile():
@@ -55,3 +56,15 @@ def test_repeated_eager_calls_do_not_compile():
             for sol in sols[1:]:
                 jax.block_until_ready(_values(sol))
         assert not compiles, (block_size, len(compiles))
+
+
+def test_repeated_eager_calls_on_a_batch_do_not_compile():
+    rng = np.random.default_rng(1)
+    solve = jax.jit(jax.vmap(lambda x, y: otlab.sinkhorn(otlab.PointCloud(x, y), epsilon=0.5)))
+    sols = [solve(jnp.asarray(rng.normal(size=(2, 7, 2)), jnp.float32),
+                  jnp.asarray(rng.normal(size=(2, 9, 2)), jnp.float32)) for _ in range(3)]
+    jax.block_until_ready(_values(sols[0]))
+    with count_compiles() as compiles:
+        for sol in sols[1:]:
+            jax.block_until_ready(_values(sol))
+    assert not compiles, len(compiles)

@@ -207,6 +207,11 @@ class _KernelEngine:
 
 # --------------------------------------------------------------------------- loop
 
+#: Most entries of ``OTSolution.errors``: with more than ``MAX_HISTORY`` blocks of
+#: ``check_every`` iterations, ``errors[k]`` is the last check of blocks
+#: ``k * stride ... (k + 1) * stride - 1``, ``stride = ceil(blocks / MAX_HISTORY)``.
+MAX_HISTORY = 4096
+
 
 class _Loop(NamedTuple):
     state: Any
@@ -280,7 +285,11 @@ def _forward(
     f0, g0, epsilon_init = init
     geom = problem.geom.materialize()
     engine = _KernelEngine if mode == "kernel" else _LogEngine
-    n_blocks = -(-max_iter // check_every)
+    # Exactly max_iter iterations at most: blocks of check_every, then a shorter one.
+    check_every = min(check_every, max_iter)
+    n_full, rem = divmod(max_iter, check_every)
+    n_blocks = n_full + (rem > 0)
+    stride = -(-n_blocks // MAX_HISTORY)  # errors[k]: the last check of blocks k*stride...
     dtype = problem.a.dtype
     eps_target = problem.epsilon
 
@@ -344,7 +353,7 @@ def _forward(
         (s, k, _), _ = jax.lax.scan(one, carry, length=check_every)
         return s, k
 
-    def body(loop: _Loop, first: bool = False) -> _Loop:
+    def body(loop: _Loop, first: bool = False, length: int = check_every) -> _Loop:
         eps = eps_at(loop.block)
         s = loop.state
         if epsilon_init is not None:  # static: annealing on or off
@@ -354,9 +363,9 @@ def _forward(
             s, ran = first_block(s, eps)
         else:
             s, _ = jax.lax.scan(
-                lambda s, _: (engine.step(problem, geom, s), None), s, length=check_every
+                lambda s, _: (engine.step(problem, geom, s), None), s, length=length
             )
-            ran = check_every
+            ran = length
         err, finite, converged = check(s, eps)
         s, err, converged = verify(s, eps, err, converged)
         status = jnp.where(
@@ -367,7 +376,7 @@ def _forward(
             loop.block + 1,
             loop.iters + ran,
             err,
-            loop.errors.at[loop.block].set(err),
+            loop.errors.at[loop.block // stride if stride > 1 else loop.block].set(err),
             status.astype(jnp.int32),
             (~finite) | converged,
         )
@@ -382,21 +391,25 @@ def _forward(
         jnp.asarray(0),
         jnp.asarray(0),
         jnp.asarray(jnp.inf, dtype),
-        jnp.full((n_blocks,), -1.0, dtype),
+        jnp.full((-(-n_blocks // stride),), -1.0, dtype),
         jnp.asarray(Status.MAX_ITER, jnp.int32),
         jnp.asarray(False),
     )
     loop = body(loop, first=True)
     if unroll:
         # A fixed-length scan (reverse-differentiable); blocks after the stop are no-ops.
-        def scan_body(loop, _):
-            new = body(loop)
+        def scan_body(loop, _, length=check_every):
+            new = body(loop, length=length)
             return jax.tree.map(lambda x, y: jnp.where(loop.done, x, y), loop, new), None
 
-        if n_blocks > 1:
-            loop, _ = jax.lax.scan(scan_body, loop, length=n_blocks - 1)
+        if n_full > 1:
+            loop, _ = jax.lax.scan(scan_body, loop, length=n_full - 1)
+        if rem:
+            loop, _ = scan_body(loop, None, length=rem)
     else:
-        loop = jax.lax.while_loop(lambda lp: (~lp.done) & (lp.block < n_blocks), body, loop)
+        loop = jax.lax.while_loop(lambda lp: (~lp.done) & (lp.block < n_full), body, loop)
+        if rem:  # static: only when check_every does not divide max_iter
+            loop = jax.lax.cond(loop.done, lambda lp: lp, lambda lp: body(lp, length=rem), loop)
     f, g = engine.potentials(loop.state)
     return f, g, (loop.status, loop.iters, loop.err, loop.errors)
 
@@ -407,7 +420,7 @@ def _forward(
 def _traced_defaults(geom, a, b, epsilon, init_fn, init_pair):
     """Inside a solver's ``jit``: the default epsilon and the initial potentials."""
     if epsilon is None:
-        epsilon = 0.05 * jax.lax.stop_gradient(geom.mean_cost())
+        epsilon = geom.default_epsilon()
     if init_fn is not None or init_pair is None:
         init_pair = _checks.potentials(init_fn, geom, a, b, epsilon)
     return epsilon, init_pair
@@ -425,14 +438,17 @@ def _solve(forward, problem: _dual.Problem, init, implicit_diff, tol: float) -> 
 def _runtime_status(status, f, g, a, b, epsilon, tau_a, tau_b):
     """Final status: run-time infeasibility (values the eager checks could not see
     under ``jit``) and non-finite potentials override the loop's status."""
-    bad_param = ~(epsilon > 0) | ~((tau_a > 0) & (tau_a <= 1)) | ~((tau_b > 0) & (tau_b <= 1))
+    # (NaN parameters are not infeasible but NONFINITE: these comparisons are False.)
+    bad_param = (epsilon <= 0) | (tau_a <= 0) | (tau_a > 1) | (tau_b <= 0) | (tau_b > 1)
     negative = jnp.any(a < 0) | jnp.any(b < 0) | bad_param
     unequal = (jnp.abs(jnp.sum(a) - jnp.sum(b)) > 1e-5 * jnp.maximum(jnp.sum(a), jnp.sum(b))) & (
         _dual.is_balanced(tau_a, tau_b) > 0
     )
-    status = jnp.where(negative | unequal, Status.INFEASIBLE, status)
     finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
-    return jnp.where(finite, status, Status.NONFINITE).astype(jnp.int32)
+    status = jnp.where(finite, status, Status.NONFINITE)
+    # An infeasible problem (e.g. epsilon = 0, which also makes the potentials NaN)
+    # is reported as such, not as the NaN it causes.
+    return jnp.where(negative | unequal, Status.INFEASIBLE, status).astype(jnp.int32)
 
 
 
@@ -511,14 +527,17 @@ def sinkhorn(
             ott-jax geometry, or an ``(n, m)`` cost matrix.
         a: ``(n,)`` non-negative source weights (traced); default uniform.
         b: ``(m,)`` non-negative target weights (traced); default uniform.
-        epsilon: entropic regularisation (traced); default ``0.05 * mean(C)``.
+        epsilon: entropic regularisation (traced); default: the ott-jax geometry's
+            own, else ``geom.default_epsilon()`` (``0.05 *`` the mean finite cost;
+            finite and positive for every input).
         tau_a: ``rho_a / (rho_a + epsilon)`` in ``(0, 1]`` (traced); ``1`` is a
             hard marginal constraint, smaller relaxes it with a KL penalty.
         tau_b: same for ``b``.
         tol: static. Stop when the L1 optimality residual (``|P1 - a|_1 +
             |P^T1 - b|_1`` when balanced) is ``<= tol``; ``SUCCESS`` means the
             returned potentials meet it when re-evaluated in the log domain.
-        max_iter: static iteration cap.
+        max_iter: static iteration cap, honoured exactly (the last block is
+            shortened when ``check_every`` does not divide it).
         check_every: static. Iterations between residual checks.
         init: ``None`` (zero potentials), ``"auto"`` (`otlab.initializers.auto`:
             the best applicable data-dependent initializer), a pair ``(f0, g0)``
@@ -665,7 +684,7 @@ def sinkhorn_divergence(
 
     gxy = PointCloud(x, y, cost, block_size)
     if epsilon is None:
-        epsilon = 0.05 * jax.lax.stop_gradient(gxy.mean_cost())
+        epsilon = gxy.default_epsilon()
     opts = dict(
         epsilon=epsilon, tol=tol, max_iter=max_iter, check_every=check_every, mode=mode, init=init
     )

@@ -350,7 +350,7 @@ def sns(
         geom: a geometry (dense or online), an ott-jax geometry or a cost matrix.
         a: ``(n,)`` source weights (traced); default uniform.
         b: ``(m,)`` target weights (traced); default uniform.
-        epsilon: entropic regularisation (traced); default ``0.05 * mean(C)``.
+        epsilon: entropic regularisation (traced); default as in `sinkhorn`.
         tau_a: marginal relaxation in ``(0, 1]`` (traced), as in
             `sinkhorn`.
         tau_b: same for ``b``.

@@ -343,7 +343,7 @@ def build(
     re-evaluated error is ``<= tol``: a solver's ``SUCCESS`` whose answer fails
     the check becomes ``MAX_ITER``, a ``MAX_ITER`` whose answer passes it becomes
     ``SUCCESS``; ``NONFINITE`` and ``INFEASIBLE`` are kept, and non-finite
-    potentials are ``NONFINITE``.
+    potentials are ``NONFINITE`` unless the problem is ``INFEASIBLE``.
 
     Args:
         problem: the `otlab._dual.Problem` solved.
@@ -359,7 +359,9 @@ def build(
     checked = jnp.where(err <= tol, Status.SUCCESS, Status.MAX_ITER)
     status = jnp.where((status == Status.SUCCESS) | (status == Status.MAX_ITER), checked, status)
     finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
-    status = jnp.where(finite, status, Status.NONFINITE).astype(jnp.int32)
+    # an infeasible problem (e.g. epsilon = 0 under jit) stays INFEASIBLE whatever its potentials
+    status = jnp.where(finite | (status == Status.INFEASIBLE), status, Status.NONFINITE)
+    status = status.astype(jnp.int32)
     # the history ends with the error of the returned answer
     last = jnp.arange(errors.shape[-1]) == jnp.sum(errors >= 0) - 1
     errors = jnp.where(last, jax.lax.stop_gradient(err).astype(errors.dtype), errors)

@@ -9,6 +9,7 @@ differences, comparisons with reference solvers).
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -76,3 +77,29 @@ def pytest_unconfigure(config):
     if cache_dir is not None:
         shutil.rmtree(cache_dir, ignore_errors=True)
         os.environ.pop(_CACHE_ENV, None)
+
+
+
+# Every compiled XLA CPU program stays loaded while JAX's caches hold it, with some
+# 20-30 memory mappings each; a worker that runs half the suite compiles a few
+# thousand programs and reached the kernel's vm.max_map_count (65530), where XLA
+# segfaults or aborts. When a worker holds more than _MAX_MAPPINGS mappings after
+# a test, the caches are released; the shared persistent cache above makes a
+# program needed again a cache read, not a compilation.
+_MAX_MAPPINGS = 25_000
+
+
+def _mappings() -> int:
+    try:
+        with open("/proc/self/maps") as fh:
+            return sum(1 for _ in fh)
+    except OSError:  # not Linux: no such limit to watch
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    yield
+    if _mappings() > _MAX_MAPPINGS:
+        jax.clear_caches()
+        gc.collect()

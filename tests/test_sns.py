@@ -19,6 +19,7 @@ from sklearn.datasets import load_digits
 
 import otlab
 from otlab import costs
+from otlab.solvers import sinkhorn as sinkhorn_mod
 
 #: Sinkhorn reference: one static configuration for every reference solve.
 REF_TOL = 1e-10
@@ -96,11 +97,14 @@ def _assert_same_potentials(s, k, c, a, b, eps, tau_a=1.0, tau_b=1.0, atol=POT_A
     np.testing.assert_allclose(np.asarray(s.g)[sb], np.asarray(k.g)[sb], rtol=0, atol=atol)
 
 
-def _iters_to(sol, tol: float, check_every: int = 10) -> int:
-    """Sinkhorn iterations until the (strided) error history first reaches ``tol``."""
+def _iters_to(sol, tol: float, check_every: int = 10, max_iter: int = REF_MAX_ITER) -> int:
+    """Sinkhorn iterations until the error history first reaches ``tol`` (to within
+    one history entry: past ``MAX_HISTORY`` blocks, entry ``k`` is the last check of
+    blocks ``k * stride ... (k + 1) * stride - 1``)."""
     e = np.asarray(sol.errors)
     hit = np.nonzero((e >= 0) & (e <= tol))[0]
-    return int((hit[0] + 1) * check_every) if hit.size else -1
+    stride = -(-(-(-max_iter // check_every)) // sinkhorn_mod.MAX_HISTORY)
+    return int((hit[0] + 1) * stride * check_every) if hit.size else -1
 
 
 # ----------------------------------------------------------- same answer as Sinkhorn

@@ -103,7 +103,8 @@ def _iters_to(sol, tol: float, check_every: int = 10, max_iter: int = REF_MAX_IT
     blocks ``k * stride ... (k + 1) * stride - 1``)."""
     e = np.asarray(sol.errors)
     hit = np.nonzero((e >= 0) & (e <= tol))[0]
-    stride = -(-(-(-max_iter // check_every)) // sinkhorn_mod.MAX_HISTORY)
+    blocks = -(-max_iter // check_every)
+    stride = -(-blocks // sinkhorn_mod.MAX_HISTORY)
     return int((hit[0] + 1) * stride * check_every) if hit.size else -1
 
 

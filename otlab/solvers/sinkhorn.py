@@ -268,8 +268,13 @@ def _forward(
     epsilon_decay: float,
     unroll: bool,
     translate: bool = False,
+    stall: float | None = None,
 ):
     """Run Sinkhorn from ``init = (f0, g0, epsilon_init)``; returns ``(f, g, aux)``.
+
+    ``stall`` (static, for `otlab.sns`'s warm-up): also stop after a block (other than
+    the first) whose error exceeds ``stall`` times that of the block before it — the
+    point where Sinkhorn's linear rate has become slow. The status is then ``MAX_ITER``.
 
     ``translate`` (static): a given start of an unbalanced problem is shifted by the
     constant of `otlab._dual.translate_start` and kept only if it beats zeros on the
@@ -336,6 +341,9 @@ def _forward(
         status = jnp.where(
             ~finite, Status.NONFINITE, jnp.where(converged, Status.SUCCESS, Status.MAX_ITER)
         )
+        slow = False
+        if stall is not None and not first:
+            slow = (err > stall * loop.err) & (eps <= eps_target)
         return _Loop(
             s,
             loop.block + 1,
@@ -343,7 +351,7 @@ def _forward(
             err,
             loop.errors.at[loop.block].set(err),
             status.astype(jnp.int32),
-            (~finite) | converged,
+            (~finite) | converged | slow,
         )
 
     eps0 = eps_at(jnp.asarray(0))

@@ -42,6 +42,7 @@ Gradients come from `otlab.implicit`, like every otlab solver.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -72,6 +73,8 @@ class _State(NamedTuple):
     errors: Array
     status: Array
     done: Array
+    stage: Array  # continuation stage: epsilon * STAGE_FACTOR**stage
+    settled: Array  # a stage has converged: no more retreats
 
 
 def _evaluate(problem: _dual.Problem, geom, f, g):
@@ -178,10 +181,9 @@ def _newton_direction(problem: _dual.Problem, geom, s: _State, ga, gb, *, rung, 
         cg_tol = jnp.minimum(0.1, jnp.sqrt(rel))
         d, cg_iters = _pcg(shifted, (ga, gb), (da + mu, db + mu), cg_tol, cg_max_iter)
     hd = hess(d)
-    pred = jnp.sum(ga * d[0]) + jnp.sum(gb * d[1]) - 0.5 * (
-        jnp.sum(d[0] * hd[0]) + jnp.sum(d[1] * hd[1])
-    )
-    return d, pred, cg_iters
+    gd = jnp.sum(ga * d[0]) + jnp.sum(gb * d[1])
+    pred = gd - 0.5 * (jnp.sum(d[0] * hd[0]) + jnp.sum(d[1] * hd[1]))
+    return d, pred, gd, cg_iters
 
 
 def _ladder(geom, budgets, dense_rung, direct_max):
@@ -200,12 +202,84 @@ def _ladder(geom, budgets, dense_rung, direct_max):
     return rungs
 
 
+#: epsilon-continuation: stage ``k`` solves at ``epsilon * STAGE_FACTOR**k``.
+STAGE_FACTOR = 4.0
+#: the highest stage epsilon, relative to the mean cost.
+STAGE_MAX_REL = 0.1
+#: an intermediate stage ends at an L1 error of ``STAGE_TOL_REL * sum(a)``.
+STAGE_TOL_REL = 0.1
+#: Sinkhorn warm-up: stop once a block of 10 iterations reduces the error by less
+#: than this factor (Sinkhorn's linear rate has become slow: Newton's turn).
+WARMUP_STALL = 0.5
+#: step-length halvings of the backtracking line search.
+LINE_SEARCH_HALVINGS = 10
+#: Sinkhorn iterations run when a Newton step finds no acceptable step length.
+FALLBACK_ITERS = 20
+
+
+class _Trial(NamedTuple):
+    k: Array  # halvings tried
+    ok: Array  # accepted
+    f: Array
+    g: Array
+    row: Array
+    col: Array
+    obj: Array
+    err: Array
+
+
+def _line_search(problem, geom, s: _State, d, gd, resolvable):
+    """Backtracking (Armijo) line search on the dual along ``d``: the first of
+    ``t = 1, 1/2, 1/4, ...`` with ``D(z + t d) >= D(z) + 1e-4 t G.d`` (or, once the
+    change of ``D`` is below rounding, a smaller ``|G|_1``). Returns the accepted
+    trial, or ``ok = False`` with the iterate unchanged."""
+
+    def cond(c: _Trial):
+        return ~c.ok & (c.k < LINE_SEARCH_HALVINGS)
+
+    def body(c: _Trial):
+        t = 0.5 ** c.k.astype(s.obj.dtype)
+        f, g = s.f + t * d[0], s.g + t * d[1]
+        row, col, obj, na, nb = _evaluate(problem, geom, f, g)
+        err = jnp.sum(jnp.abs(na)) + jnp.sum(jnp.abs(nb))
+        finite = jnp.isfinite(obj) & jnp.isfinite(err)
+        armijo = obj - s.obj >= 1e-4 * t * gd
+        ok = finite & (gd > 0) & jnp.where(resolvable, armijo, err < s.err)
+        return _Trial(c.k + 1, ok, f, g, row, col, obj, err)
+
+    c = jax.lax.while_loop(
+        cond, body, _Trial(jnp.asarray(0), jnp.asarray(False), s.f, s.g, s.row, s.col, s.obj, s.err)
+    )
+    keep = lambda new, old: jnp.where(c.ok, new, old)  # noqa: E731
+    t = jnp.where(c.ok, 0.5 ** (c.k - 1).astype(s.obj.dtype), 0.0)
+    return c._replace(
+        f=keep(c.f, s.f), g=keep(c.g, s.g), row=keep(c.row, s.row), col=keep(c.col, s.col),
+        obj=keep(c.obj, s.obj), err=keep(c.err, s.err),
+    ), t
+
+
+def _sinkhorn_iters(problem, geom, f, g, iters: int, tol: float):
+    """``iters`` Sinkhorn iterations at ``problem.epsilon`` (kernel engine for dense,
+    log domain for online geometries); stops early at ``tol``."""
+    if iters == 1:
+        eps = problem.epsilon
+        f = sinkhorn_lib._half_step(problem.a, f, geom.lse(f, g, eps, 1), eps, problem.tau_a)
+        g = sinkhorn_lib._half_step(problem.b, g, geom.lse(f, g, eps, 0), eps, problem.tau_b)
+        return f, g
+    f, g, _ = sinkhorn_lib._forward(
+        problem, (f, g, None), mode="log" if geom.is_online else "kernel", tol=tol,
+        max_iter=iters, check_every=min(iters, 10), epsilon_decay=0.9, unroll=False,
+    )  # fmt: skip
+    return f, g
+
+
 def _forward(
     problem: _dual.Problem, init, *, tol, max_iter, warmup, budgets, dense_rung, direct_max,
     cg_max_iter, translate=False,
 ):
     geom = problem.geom.materialize()
     dtype = problem.a.dtype
+    eps = problem.epsilon
     f0, g0 = init
     if warmup > 0:
         f0, g0, _ = sinkhorn_lib._forward(
@@ -218,6 +292,7 @@ def _forward(
             epsilon_decay=0.9,
             unroll=False,
             translate=translate,
+            stall=WARMUP_STALL,
         )
     rungs = _ladder(geom, budgets, dense_rung, direct_max)
     kinds = [kind for kind, _ in rungs]
@@ -228,50 +303,83 @@ def _forward(
     direct = kinds.index("direct") if "direct" in kinds else -1
     breakeven = max(20, min(geom.shape) // 10)
     rounding = 100.0 * jnp.finfo(dtype).eps
+    # The highest continuation stage: epsilon * 4**top <= max(epsilon, 0.1 * mean cost).
+    ratio_max = STAGE_MAX_REL * jax.lax.stop_gradient(geom.mean_cost()) / eps
+    top_stage = jnp.floor(jnp.log(jnp.maximum(ratio_max, 1.0)) / jnp.log(STAGE_FACTOR))
+    top_stage = jnp.where(jnp.isfinite(top_stage), top_stage, 0.0).astype(jnp.int32)
+    stage_tol = jnp.maximum(tol, STAGE_TOL_REL * jnp.sum(problem.a))
+
+    def at(stage):
+        e = eps * STAGE_FACTOR ** stage.astype(dtype)
+        return dataclasses.replace(problem, epsilon=e)
 
     def body(s: _State) -> _State:
-        ga, gb = problem.residual(s.f, s.g, s.row, s.col)
+        pk = at(s.stage)
+        ga, gb = pk.residual(s.f, s.g, s.row, s.col)
         branches = [
             functools.partial(_newton_direction, rung=r, cg_max_iter=cg_max_iter) for r in rungs
         ]
-        d, pred, cgi = jax.lax.switch(s.level, branches, problem, geom, s, ga, gb)
-        f, g = s.f + d[0], s.g + d[1]
-        row, col, obj, na, nb = _evaluate(problem, geom, f, g)
-        err = jnp.sum(jnp.abs(na)) + jnp.sum(jnp.abs(nb))
-        finite = jnp.isfinite(obj) & jnp.isfinite(err)
-        gain = obj - s.obj
+        d, pred, gd, cgi = jax.lax.switch(s.level, branches, pk, geom, s, ga, gb)
         resolvable = jnp.abs(pred) > rounding * (jnp.abs(s.obj) + 1.0)
-        ratio = gain / jnp.where(pred > 0, pred, 1.0)
-        accept = finite & jnp.where(resolvable, (pred > 0) & (ratio >= 0.01), err < s.err)
-        good = accept & (~resolvable | (ratio >= 0.75))
-        nu = jnp.where(good, s.nu / 4, jnp.where(accept & (ratio >= 0.25), s.nu, 4 * s.nu))
+        c, t = _line_search(pk, geom, s, d, gd, resolvable)
+        accept = c.ok
+        # The model's prediction at step t: t G.d - t^2 d^T H d / 2.
+        pred_t = t * gd - t**2 * (gd - pred)
+        ratio = (c.obj - s.obj) / jnp.where(pred_t > 0, pred_t, 1.0)
+        full = accept & (t == 1.0)
+        good = full & (~resolvable | (ratio >= 0.75))
+        nu = jnp.where(good, s.nu / 4, jnp.where(full & (ratio >= 0.25), s.nu, 4 * s.nu))
         nu = jnp.clip(nu, 1e-8, 1e8)
-        # Slow progress of an accepted, barely damped step (a reduction of |G| by less
-        # than 4x at nu <= 1/16) means the sketch is too crude: climb one rung.
-        slow = accept & (err > 0.25 * s.err) & (s.nu <= 1.0 / 16)
+        # Slow progress of a full, barely damped step (a reduction of |G| by less than
+        # 4x at nu <= 1/16) means the sketch is too crude: climb one rung.
+        slow = full & (c.err > 0.25 * s.err) & (s.nu <= 1.0 / 16)
         level = jnp.where(slow & (s.level < top_cg), s.level + 1, s.level)
         if direct >= 0:
             expensive = (s.level == top_cg) & (cgi > breakeven)
             level = jnp.where(expensive, direct, level)
-        pick = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
-        err = pick(err, s.err)
-        converged = err <= tol
-        stuck = nu >= 1e8  # no acceptable step even as a tiny gradient step: stop
+        # Continuation. Before any stage has converged, a step that is not a full
+        # Newton step with fair progress means Newton's fast region is out of reach at
+        # this epsilon: retreat to 4x epsilon. A stage that reaches its tolerance hands
+        # its potentials to the next, 4x smaller, epsilon. A step with no acceptable
+        # length falls back to a block of Sinkhorn iterations.
+        poor = ~full | (ratio < 0.25) | (c.err > 0.5 * s.err)
+        retreat = poor & ~s.settled & (s.stage < top_stage)
+        descend = (c.err <= stage_tol) & (s.stage > 0)
+        stage = jnp.where(descend, s.stage - 1, jnp.where(retreat, s.stage + 1, s.stage))
+        settled = s.settled | descend
+        fallback = ~accept & ~retreat
+        branch = jnp.where(stage != s.stage, 1, jnp.where(fallback, 2, 0))
+        pn = at(stage)
+
+        def keep(f, g):
+            return c.f, c.g, c.row, c.col, c.obj, c.err
+
+        def sinkhorn_then_evaluate(iters):
+            def run(f, g):
+                f, g = _sinkhorn_iters(pn, geom, f, g, iters, tol)
+                row, col, obj, na, nb = _evaluate(pn, geom, f, g)
+                return f, g, row, col, obj, jnp.sum(jnp.abs(na)) + jnp.sum(jnp.abs(nb))
+
+            return run
+
+        f, g, row, col, obj, err = jax.lax.switch(
+            branch, [keep, sinkhorn_then_evaluate(1), sinkhorn_then_evaluate(FALLBACK_ITERS)],
+            c.f, c.g,
+        )
+        finite = jnp.isfinite(err) & jnp.isfinite(obj)
+        # Never worse than the start of the step: a Sinkhorn block that fails keeps it.
+        bad = ~finite & (branch > 0)
+        f, g, row, col, obj, err = (
+            jnp.where(bad, old, new)
+            for new, old in zip((f, g, row, col, obj, err), (c.f, c.g, c.row, c.col, c.obj, c.err))
+        )
+        stage = jnp.where(bad, s.stage, stage)
+        converged = (err <= tol) & (stage == 0)
         status = jnp.where(converged, Status.SUCCESS, s.status)
         return _State(
-            pick(f, s.f),
-            pick(g, s.g),
-            pick(row, s.row),
-            pick(col, s.col),
-            pick(obj, s.obj),
-            err,
-            nu,
-            level,
-            s.it + 1,
-            s.errors.at[s.it].set(err),
-            status.astype(jnp.int32),
-            converged | stuck,
-        )
+            f, g, row, col, obj, err, nu, level, s.it + 1, s.errors.at[s.it].set(err),
+            status.astype(jnp.int32), converged, stage, settled,
+        )  # fmt: skip
 
     row, col, obj, ga, gb = _evaluate(problem, geom, f0, g0)
     err = jnp.sum(jnp.abs(ga)) + jnp.sum(jnp.abs(gb))
@@ -291,6 +399,8 @@ def _forward(
             finite, jnp.where(err <= tol, Status.SUCCESS, Status.MAX_ITER), Status.NONFINITE
         ).astype(jnp.int32),
         (err <= tol) | ~finite,
+        jnp.asarray(0, jnp.int32),
+        jnp.asarray(False),
     )
     s = jax.lax.while_loop(lambda s: (~s.done) & (s.it < max_iter), body, s)
     return s.f, s.g, (s.status, s.it, s.err, s.errors)
@@ -330,7 +440,7 @@ def sns(
     tau_b: float | Array = 1.0,
     tol: float | None = None,
     max_iter: int = 200,
-    warmup: int = 20,
+    warmup: int = 100,
     budgets: tuple[int, ...] = (16, 64, 256),
     dense_rung: bool = True,
     direct_max: int = 2048,

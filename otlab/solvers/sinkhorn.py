@@ -268,13 +268,14 @@ def _forward(
     epsilon_decay: float,
     unroll: bool,
     translate: bool = False,
-    stall: float | None = None,
+    stall: bool = False,
 ):
     """Run Sinkhorn from ``init = (f0, g0, epsilon_init)``; returns ``(f, g, aux)``.
 
     ``stall`` (static, for `otlab.sns`'s warm-up): also stop after a block (other than
-    the first) whose error exceeds ``stall`` times that of the block before it — the
-    point where Sinkhorn's linear rate has become slow. The status is then ``MAX_ITER``.
+    the first) when the linear rate of that block (its error over the previous one)
+    predicts that ``tol`` is out of reach within ``max_iter`` iterations: Sinkhorn has
+    become too slow for the budget. The status is then ``MAX_ITER``.
 
     ``translate`` (static): a given start of an unbalanced problem is shifted by the
     constant of `otlab._dual.translate_start` and kept only if it beats zeros on the
@@ -342,8 +343,11 @@ def _forward(
             ~finite, Status.NONFINITE, jnp.where(converged, Status.SUCCESS, Status.MAX_ITER)
         )
         slow = False
-        if stall is not None and not first:
-            slow = (err > stall * loop.err) & (eps <= eps_target)
+        if stall and not first:
+            rate = err / loop.err
+            need = check_every * jnp.log(tol / err) / jnp.log(jnp.where(rate < 1, rate, 0.5))
+            left = max_iter - (loop.iters + ran)
+            slow = ((rate >= 1) | (need > left)) & (eps <= eps_target)
         return _Loop(
             s,
             loop.block + 1,

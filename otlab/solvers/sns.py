@@ -86,6 +86,18 @@ def _evaluate(problem: _dual.Problem, geom, f, g):
     return row, col, obj, ga, gb
 
 
+def _log_domain_error(problem: _dual.Problem, geom, f, g):
+    """The L1 residual with the marginals re-evaluated by max-shifted log-sum-exp
+    (two passes): what `OTSolution.marginals` reports. `_evaluate`'s single pass of
+    unshifted exponentials is faster but rounds differently (in float32 by up to
+    a few percent of ``tol``); convergence is declared on this one."""
+    eps = problem.epsilon
+    row = jnp.exp(geom.lse(f, g, eps, 1))
+    col = jnp.exp(geom.lse(f, g, eps, 0))
+    ga, gb = problem.residual(f, g, row, col)
+    return jnp.sum(jnp.abs(ga)) + jnp.sum(jnp.abs(gb))
+
+
 def _pcg(matvec, rhs, diag, tol, max_iter):
     """Jacobi-preconditioned conjugate gradient; returns ``(x, iterations)``.
 
@@ -204,13 +216,11 @@ def _ladder(geom, budgets, dense_rung, direct_max):
 
 #: epsilon-continuation: stage ``k`` solves at ``epsilon * STAGE_FACTOR**k``.
 STAGE_FACTOR = 4.0
+_DEBUG = False
 #: the highest stage epsilon, relative to the mean cost.
 STAGE_MAX_REL = 0.1
 #: an intermediate stage ends at an L1 error of ``STAGE_TOL_REL * sum(a)``.
 STAGE_TOL_REL = 0.1
-#: Sinkhorn warm-up: stop once a block of 10 iterations reduces the error by less
-#: than this factor (Sinkhorn's linear rate has become slow: Newton's turn).
-WARMUP_STALL = 0.5
 #: step-length halvings of the backtracking line search.
 LINE_SEARCH_HALVINGS = 10
 #: Sinkhorn iterations run when a Newton step finds no acceptable step length.
@@ -258,9 +268,10 @@ def _line_search(problem, geom, s: _State, d, gd, resolvable):
     ), t
 
 
-def _sinkhorn_iters(problem, geom, f, g, iters: int, tol: float):
-    """``iters`` Sinkhorn iterations at ``problem.epsilon`` (kernel engine for dense,
-    log domain for online geometries); stops early at ``tol``."""
+def _sinkhorn_iters(problem, geom, f, g, iters: int, tol: float, stall: bool):
+    """Up to ``iters`` Sinkhorn iterations at ``problem.epsilon`` (kernel engine for
+    dense, log domain for online geometries): stops at ``tol`` and, with ``stall``,
+    once a block of 10 iterations reduces the error by less than that factor."""
     if iters == 1:
         eps = problem.epsilon
         f = sinkhorn_lib._half_step(problem.a, f, geom.lse(f, g, eps, 1), eps, problem.tau_a)
@@ -269,6 +280,7 @@ def _sinkhorn_iters(problem, geom, f, g, iters: int, tol: float):
     f, g, _ = sinkhorn_lib._forward(
         problem, (f, g, None), mode="log" if geom.is_online else "kernel", tol=tol,
         max_iter=iters, check_every=min(iters, 10), epsilon_decay=0.9, unroll=False,
+        stall=stall,
     )  # fmt: skip
     return f, g
 
@@ -292,7 +304,7 @@ def _forward(
             epsilon_decay=0.9,
             unroll=False,
             translate=translate,
-            stall=WARMUP_STALL,
+            stall=True,
         )
     rungs = _ladder(geom, budgets, dense_rung, direct_max)
     kinds = [kind for kind, _ in rungs]
@@ -312,6 +324,17 @@ def _forward(
     def at(stage):
         e = eps * STAGE_FACTOR ** stage.astype(dtype)
         return dataclasses.replace(problem, epsilon=e)
+
+    def verify(f, g):
+        """Convergence is declared on the potentials returned: put them in the gauge
+        `otlab.implicit` returns (in float32 the shift alone moves the error by a few
+        percent of ``tol``) and re-evaluate the error in the log domain."""
+        shift = lambda f, g: _dual.gauge_shift(  # noqa: E731
+            f, g, problem.a, problem.b, problem.tau_a, problem.tau_b
+        )
+        f, g = shift(f, g)
+        # `otlab.implicit` shifts again, by a rounding error: check what it returns.
+        return _log_domain_error(problem, geom, *shift(f, g)) <= tol, f, g
 
     def body(s: _State) -> _State:
         pk = at(s.stage)
@@ -354,16 +377,21 @@ def _forward(
         def keep(f, g):
             return c.f, c.g, c.row, c.col, c.obj, c.err
 
-        def sinkhorn_then_evaluate(iters):
+        def sinkhorn_then_evaluate(iters, stall):
             def run(f, g):
-                f, g = _sinkhorn_iters(pn, geom, f, g, iters, tol)
+                f, g = _sinkhorn_iters(pn, geom, f, g, iters, tol, stall)
                 row, col, obj, na, nb = _evaluate(pn, geom, f, g)
                 return f, g, row, col, obj, jnp.sum(jnp.abs(na)) + jnp.sum(jnp.abs(nb))
 
             return run
 
         f, g, row, col, obj, err = jax.lax.switch(
-            branch, [keep, sinkhorn_then_evaluate(1), sinkhorn_then_evaluate(FALLBACK_ITERS)],
+            branch,
+            [
+                keep,
+                sinkhorn_then_evaluate(max(warmup, 1), True),
+                sinkhorn_then_evaluate(FALLBACK_ITERS, False),
+            ],
             c.f, c.g,
         )
         finite = jnp.isfinite(err) & jnp.isfinite(obj)
@@ -371,10 +399,18 @@ def _forward(
         bad = ~finite & (branch > 0)
         f, g, row, col, obj, err = (
             jnp.where(bad, old, new)
-            for new, old in zip((f, g, row, col, obj, err), (c.f, c.g, c.row, c.col, c.obj, c.err))
+            for new, old in zip(
+                (f, g, row, col, obj, err), (c.f, c.g, c.row, c.col, c.obj, c.err), strict=True
+            )
         )
         stage = jnp.where(bad, s.stage, stage)
-        converged = (err <= tol) & (stage == 0)
+        converged, f, g = jax.lax.cond(
+            (err <= tol) & (stage == 0), verify, lambda f, g: (jnp.asarray(False), f, g), f, g
+        )
+        if _DEBUG:
+            jax.debug.print(
+                "it {} stage {} lvl {} cg {} t {} ratio {:.2f} nu {:.1e} err {:.2e} -> {:.2e} branch {}",
+                s.it, s.stage, s.level, cgi, t, ratio, s.nu, s.err, err, branch)
         status = jnp.where(converged, Status.SUCCESS, s.status)
         return _State(
             f, g, row, col, obj, err, nu, level, s.it + 1, s.errors.at[s.it].set(err),
@@ -384,6 +420,7 @@ def _forward(
     row, col, obj, ga, gb = _evaluate(problem, geom, f0, g0)
     err = jnp.sum(jnp.abs(ga)) + jnp.sum(jnp.abs(gb))
     finite = jnp.isfinite(err) & jnp.isfinite(obj)
+    done, f0, g0 = jax.lax.cond(err <= tol, verify, lambda f, g: (jnp.asarray(False), f, g), f0, g0)
     s = _State(
         f0,
         g0,
@@ -396,9 +433,9 @@ def _forward(
         jnp.asarray(0),
         jnp.full((max_iter,), -1.0, dtype),
         jnp.where(
-            finite, jnp.where(err <= tol, Status.SUCCESS, Status.MAX_ITER), Status.NONFINITE
+            finite, jnp.where(done, Status.SUCCESS, Status.MAX_ITER), Status.NONFINITE
         ).astype(jnp.int32),
-        (err <= tol) | ~finite,
+        done | ~finite,
         jnp.asarray(0, jnp.int32),
         jnp.asarray(False),
     )
@@ -440,7 +477,7 @@ def sns(
     tau_b: float | Array = 1.0,
     tol: float | None = None,
     max_iter: int = 200,
-    warmup: int = 100,
+    warmup: int = 500,
     budgets: tuple[int, ...] = (16, 64, 256),
     dense_rung: bool = True,
     direct_max: int = 2048,

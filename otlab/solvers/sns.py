@@ -216,7 +216,6 @@ def _ladder(geom, budgets, dense_rung, direct_max):
 
 #: epsilon-continuation: stage ``k`` solves at ``epsilon * STAGE_FACTOR**k``.
 STAGE_FACTOR = 4.0
-_DEBUG = False
 #: the highest stage epsilon, relative to the mean cost.
 STAGE_MAX_REL = 0.1
 #: an intermediate stage ends at an L1 error of ``STAGE_TOL_REL * sum(a)``.
@@ -407,10 +406,6 @@ def _forward(
         converged, f, g = jax.lax.cond(
             (err <= tol) & (stage == 0), verify, lambda f, g: (jnp.asarray(False), f, g), f, g
         )
-        if _DEBUG:
-            jax.debug.print(
-                "it {} stage {} lvl {} cg {} t {} ratio {:.2f} nu {:.1e} err {:.2e} -> {:.2e} branch {}",
-                s.it, s.stage, s.level, cgi, t, ratio, s.nu, s.err, err, branch)
         status = jnp.where(converged, Status.SUCCESS, s.status)
         return _State(
             f, g, row, col, obj, err, nu, level, s.it + 1, s.errors.at[s.it].set(err),

@@ -8,8 +8,9 @@ marginal violation ``G = (a - P 1, b - P^T 1)`` (balanced case) and its Hessian 
 
 $$ H = \\frac{1}{\\varepsilon}\\begin{pmatrix} \\mathrm{diag}(P1) & P \\\\ P^T & \\mathrm{diag}(P^T 1)\\end{pmatrix} + \\mathrm{diag}(\\kappa_a\\,\\tilde a, \\kappa_b\\,\\tilde b). $$
 
-Stage 1 runs ``warmup`` Sinkhorn iterations. Stage 2 takes regularised Newton
-steps ``z <- z + d`` with
+Stage 1 runs Sinkhorn iterations until their measured linear rate predicts that
+``tol`` is out of reach within ``warmup`` iterations (or ``tol`` is met). Stage 2
+takes regularised Newton steps ``z <- z + t d`` with
 
 $$ (\\tilde H + \\mu I)\\, d = G, \\qquad \\mu = \\nu\\,\\frac{|G|_1}{\\sum a}\\,\\bar h, $$
 
@@ -19,13 +20,20 @@ comparisons, no sort; see `otlab.Geometry.row_sparsify`), ``h`` is the mean
 diagonal of ``H~``, and ``d`` comes from Jacobi-preconditioned conjugate gradient
 with matrix-free products over the kept entries (a gather and a segment sum).
 
-Safeguards (SSNS): a step is accepted when the actual increase of ``D`` is at
-least 1% of the increase the quadratic model predicts — or, once the change in
-``D`` is below its rounding error (near marginal error 1e-9 in float64), when the
-gradient norm decreases. ``nu`` shrinks after good steps (towards a pure Newton
-step, quadratic convergence) and grows after poor or rejected ones (towards a
-scaled gradient step, global convergence); the shift also makes ``H~ + mu I``
-definite along the balanced gauge direction ``(1, -1)``.
+Globalisation. A backtracking (Armijo) line search on the dual picks ``t`` among
+``1, 1/2, ..., 2^-9``: a step never decreases ``D`` (once the change in ``D`` is
+below its rounding error, near marginal error 1e-9 in float64, it must decrease
+``|G|_1`` instead); with no acceptable ``t`` the iterate is kept and a block of
+Sinkhorn iterations runs instead. ``nu`` shrinks after full steps that the model
+predicts well (towards a pure Newton step, quadratic convergence) and grows
+otherwise (SSNS, Tang & Qiu 2024). Far from the solution at small epsilon Newton's
+model is poor (the dual is exponential in ``f / eps``), so the solver continues in
+epsilon: while no stage has converged, a step that is not a full step with fair
+progress moves the stage to ``4 epsilon`` (up to ``0.1`` times the mean cost); a stage
+that reaches an L1 error of ``0.1 sum(a)`` hands its potentials to the stage at
+``epsilon / 4``, after Sinkhorn iterations at the new epsilon (stopped, as in stage 1,
+by their measured rate). Convergence is declared at the target epsilon on the
+gauge-fixed potentials re-evaluated in the log domain.
 
 Adaptive budget: ``budgets`` is a static ladder of kept entries per row. The
 solver starts on the first rung and climbs one rung when an accepted, barely damped
@@ -498,8 +506,12 @@ def sns(
         tau_b: same for ``b``.
         tol: static. Stop when the L1 optimality residual is ``<= tol``;
             default 1e-9 (float64) or 1e-4 (float32).
-        max_iter: static cap on Newton steps.
-        warmup: static number of Sinkhorn iterations before the Newton stage.
+        max_iter: static cap on Newton steps (each a direction, its line search and,
+            at a change of the continuation stage or when no step length is
+            acceptable, a block of Sinkhorn iterations).
+        warmup: static cap on the Sinkhorn iterations before the Newton stage (and
+            at each change of epsilon); they stop earlier once their measured rate
+            predicts that ``tol`` is out of reach within the cap.
         budgets: static ladder of kept Hessian entries per row (strided-bin
             maxima); the solver climbs it when convergence is slow. Budgets
             ``>= m`` become the exact Hessian.
@@ -516,8 +528,9 @@ def sns(
             (a Newton loop is not unrolled).
 
     Returns:
-        OTSolution: the solution; ``n_iter`` counts Newton steps (after the
-        ``warmup`` Sinkhorn iterations) and ``errors`` has one entry per step.
+        OTSolution: the solution; ``n_iter`` counts Newton steps (not the Sinkhorn
+        iterations) and ``errors`` has one entry per step (the error at that step's
+        continuation stage).
 
     Example:
         >>> import jax, otlab

@@ -43,9 +43,13 @@ close but not equal (compare the rows where both ran). Past ``budget_s`` ott-jax
 and regot's plain SNS are no longer run (ott's time is then estimated the same way),
 which keeps a full run near 15 minutes on a shared 2-core machine.
 
+A second section, `run_battery` (issue 11), times the same solvers on data shaped
+like real data (translated, anisotropic, mixture, outlier and weighted clouds).
+
 Usage::
 
     python -m benchmarks.bench_sns [--quick]     # prints; full runs write results_sns.md
+    python -m benchmarks.bench_sns --battery [--quick]   # the battery section only
 """
 
 from __future__ import annotations
@@ -184,20 +188,23 @@ def _regot_serve(conn) -> None:  # pragma: no cover - runs in the child process
         if req is None:
             return
         name, problem, n, eps, tol, max_iter, threads, reps, cap = req
-        if (problem, n) not in cache:
-            cache.clear()
-            cache[(problem, n)] = np.asfortranarray(cost_matrix(problem, n))
-        m = cache[(problem, n)]
-        a = np.full(n, 1.0 / n)
+        if isinstance(problem, tuple):  # (cost matrix, a, b) of a battery problem
+            m, a, b = np.asfortranarray(problem[0]), problem[1], problem[2]
+        else:
+            if (problem, n) not in cache:
+                cache.clear()
+                cache[(problem, n)] = np.asfortranarray(cost_matrix(problem, n))
+            m = cache[(problem, n)]
+            a = b = np.full(n, 1.0 / n)
         fn = getattr(regot, name)
         with threadpool_limits(limits=threads):
             result = None
             for regot_tol in (tol, tol / math.sqrt(2 * n)):
                 t0 = time.perf_counter()
-                r = fn(m, a, a, eps, tol=regot_tol, max_iter=max_iter)
+                r = fn(m, a, b, eps, tol=regot_tol, max_iter=max_iter)
                 t = time.perf_counter() - t0
                 p = np.asarray(r.plan)
-                err = float(np.abs(p.sum(1) - a).sum() + np.abs(p.sum(0) - a).sum())
+                err = float(np.abs(p.sum(1) - a).sum() + np.abs(p.sum(0) - b).sum())
                 result = [t], int(r.niter), err, regot_tol
                 if err <= tol or int(r.niter) >= max_iter or t > cap:
                     break
@@ -206,7 +213,7 @@ def _regot_serve(conn) -> None:  # pragma: no cover - runs in the child process
                 if times[0] > SLOW_S:
                     break
                 t0 = time.perf_counter()
-                fn(m, a, a, eps, tol=result[3], max_iter=max_iter)
+                fn(m, a, b, eps, tol=result[3], max_iter=max_iter)
                 times.append(time.perf_counter() - t0)
         conn.send((float(np.median(times)), *result[1:]))
 
@@ -513,9 +520,227 @@ def _targets(stats: list[dict]) -> str:
     ])  # fmt: skip
 
 
+# ------------------------------------------------------------------ the battery
+
+#: (problem, n, m, epsilon): ``("abs", v)`` absolute, ``("rel", v)`` × the mean cost.
+BATTERY = (
+    ("translated-s0", 500, 600, ("abs", 0.01)),
+    ("translated-s1", 500, 600, ("abs", 0.01)),
+    ("translated-s3", 500, 600, ("abs", 0.01)),
+    ("anisotropic", 500, 600, ("rel", 3e-4)),
+    ("mixture-3d", 500, 600, ("rel", 1e-3)),
+    ("outliers", 500, 600, ("rel", 1e-3)),
+    ("weights", 500, 600, ("rel", 3e-4)),
+    ("translated-s3", 1000, 1200, ("rel", 3e-4)),
+)
+BATTERY_QUICK = (
+    ("translated-s3", 200, 240, ("abs", 0.01)),
+    ("weights", 200, 240, ("rel", 3e-4)),
+)
+BATTERY_TOL = 1e-6
+BATTERY_SK_CAP = 200_000  # otlab.sinkhorn iterations
+BATTERY_OTT_CAP_S = 20.0  # ott-jax runs only when predicted to finish within this
+_ANISO = np.array([[2.0, 0.5], [0.0, 1.0]])
+
+
+def battery_problem(name: str, n: int, m: int, seed: int = 0):
+    """``(x, y, a, b)`` of a battery problem (float64 NumPy), the recipes of
+    ``tests/test_sns_battery.py`` at benchmark sizes:
+
+    * ``translated-sS``: ``x ~ N(0, I_2)``, ``y ~ N(0, I_2) A^T + (S, -S/3)``,
+      ``A = [[2, .5], [0, 1]]`` (issue 11's example);
+    * ``anisotropic``: axis scales (3, 0.3) against (0.3, 3);
+    * ``mixture-3d``: a 3- against a 4-component Gaussian mixture in 3-D;
+    * ``outliers``: uniform clouds, 5% of the targets thrown ~5 units away;
+    * ``weights``: Gaussian clouds with log-normal weights.
+    """
+    rng = np.random.default_rng([seed, n, m, sum(map(ord, name))])
+    a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
+    if name.startswith("translated-s"):
+        sh = float(name.removeprefix("translated-s"))
+        x = rng.normal(size=(n, 2))
+        y = rng.normal(size=(m, 2)) @ _ANISO.T + np.array([sh, -sh / 3])
+    elif name == "anisotropic":
+        x = rng.normal(size=(n, 2)) * np.array([3.0, 0.3])
+        y = rng.normal(size=(m, 2)) * np.array([0.3, 3.0])
+    elif name == "mixture-3d":
+
+        def mixture(k, centers):
+            return centers[rng.integers(len(centers), size=k)] + 0.4 * rng.normal(size=(k, 3))
+
+        x = mixture(n, 2.0 * rng.normal(size=(3, 3)))
+        y = mixture(m, 2.0 * rng.normal(size=(4, 3)))
+    elif name == "outliers":
+        x = rng.uniform(size=(n, 2))
+        y = rng.uniform(size=(m, 2)) + 0.2
+        k = max(1, m // 20)
+        y[:k] += 5.0 * rng.normal(size=(k, 2))
+    elif name == "weights":
+        x = rng.normal(size=(n, 2))
+        y = 1.5 * rng.normal(size=(m, 2)) + 1.0
+        a, b = rng.lognormal(size=n), rng.lognormal(size=m)
+        a, b = a / a.sum(), b / b.sum()
+    else:
+        raise ValueError(f"unknown battery problem {name!r}")
+    return x, y, a, b
+
+
+@functools.cache
+def _battery_fns(tol: float, sk_cap: int):
+    @jax.jit
+    def sns(c, a, b, eps):
+        s = otlab.sns(otlab.Geometry(c), a, b, epsilon=eps, tol=tol)
+        return s.f, s.g, s.n_iter, s.status
+
+    @jax.jit
+    def sk(c, a, b, eps):
+        s = otlab.sinkhorn(
+            otlab.Geometry(c), a, b, epsilon=eps, tol=tol, max_iter=sk_cap,
+            check_every=CHECK_EVERY,
+        )  # fmt: skip
+        return s.f, s.g, s.n_iter, s.status
+
+    return sns, sk
+
+
+@functools.cache
+def _ott_battery_fn(tol: float, max_iter: int, fixed: bool = False):
+    from ott.geometry import geometry
+    from ott.problems.linear import linear_problem
+
+    solver = common.ott_sinkhorn(tol, max_iter, CHECK_EVERY, fixed)
+
+    @jax.jit
+    def solve(c, a, b, eps):
+        geom = geometry.Geometry(cost_matrix=c, epsilon=eps)
+        out = solver(linear_problem.LinearProblem(geom, a, b))
+        return out.f, out.g, out.n_iters, out.converged
+
+    return solve
+
+
+def _l1(c, a, b, f, g, eps) -> float:
+    p = np.exp((np.asarray(f, np.float64)[:, None] + np.asarray(g, np.float64)[None] - c) / eps)
+    return float(np.abs(p.sum(1) - a).sum() + np.abs(p.sum(0) - b).sum())
+
+
+def run_battery(quick: bool = False) -> str:
+    """The battery section (issue 11): data shaped like real data, float64, tol 1e-6.
+
+    Runnable on its own: ``python -m benchmarks.bench_sns --battery [--quick]`` or
+    ``python -m benchmarks.run --only sns_battery``.
+    """
+    t_start = time.perf_counter()
+    tol = BATTERY_TOL
+    regot_proc = _Regot()
+    rows, stats = [], []
+
+    def log(msg):
+        print(f"  [battery {time.perf_counter() - t_start:5.0f}s] {msg}", file=sys.stderr,
+              flush=True)  # fmt: skip
+
+    with jax.enable_x64(True):
+        sns_fn, sk_fn = _battery_fns(tol, BATTERY_SK_CAP)
+        for name, n, m, (kind, val) in BATTERY_QUICK if quick else BATTERY:
+            x, y, a_np, b_np = battery_problem(name, n, m)
+            c_np = np.sum((x[:, None] - y[None]) ** 2, axis=-1)
+            mean = float(c_np.mean())
+            eps_f = val if kind == "abs" else val * mean
+            c, a, b, eps = (jnp.asarray(v) for v in (c_np, a_np, b_np, eps_f))
+            fns = {
+                "sns": common.compiled(sns_fn, c, a, b, eps),
+                "sk": common.compiled(sk_fn, c, a, b, eps),
+            }
+            # interleaved repetitions: ratios survive a change of machine load
+            times, outs = common.time_interleaved(fns, reps=3)
+            f, g, k, status = outs["sns"]
+            err = _l1(c_np, a_np, b_np, f, g, eps_f)
+            ok = int(status) == otlab.Status.SUCCESS and err <= 1.5 * tol
+            sns_cell = f"{_fmt_s(times['sns'])} ({int(k)})" + (
+                "" if ok else f" {otlab.Status.name(status)} (L1 {err:.1e})"
+            )
+            f, g, it, st = outs["sk"]
+            sk_ok = int(st) == otlab.Status.SUCCESS
+            sk_cell = f"{_fmt_s(times['sk'])} ({int(it)})" + ("" if sk_ok else " cap")
+            # ott-jax: run when predicted to finish within the cap, else estimated
+            ott_cal = common.compiled(_ott_battery_fn(-1.0, K_CAL, fixed=True), c, a, b, eps)
+            t_ott_it = _timed(ott_cal)[0] / K_CAL
+            predicted = int(it) * t_ott_it
+            if predicted <= BATTERY_OTT_CAP_S:
+                cap = max(CHECK_EVERY, int(3 * int(it)))
+                t_ott, (_, _, ott_it, conv), _ = _timed(
+                    common.compiled(_ott_battery_fn(tol, cap), c, a, b, eps)
+                )
+                ott_cell = f"{_fmt_s(t_ott)} ({int(ott_it)})" + ("" if bool(conv) else " cap")
+                ott_kind = ""
+            else:
+                t_ott, ott_kind = predicted, "est. "
+                ott_cell = f"est. {_fmt_s(predicted)} ({int(it)} × {t_ott_it * 1e3:.2g} ms)"
+            out = regot_proc(
+                "sinkhorn_ssns", (c_np, a_np, b_np), n, eps_f, tol, 10_000, 1, 3, cap=30.0
+            )
+            if out is None or out[2] > 1.5 * tol:
+                t_ssns, ssns_cell = None, "> 30 s (cap)" if out is None else f"L1 {out[2]:.0e}"
+            else:
+                t_ssns = out[0]
+                ssns_cell = f"{_fmt_s(t_ssns)} ({out[1]})" + ("" if out[3] == tol else " ᵃ")
+            eps_rel = eps_f / mean
+            row = [
+                name, f"{n}×{m}", f"{eps_f:.3g} ({eps_rel:.2g}·mean)", sns_cell, sk_cell,
+                ott_cell, ssns_cell, f"{times['sk'] / times['sns']:.3g}×",
+                f"{ott_kind}{t_ott / times['sns']:.3g}×",
+                "—" if t_ssns is None else f"{t_ssns / times['sns']:.3g}×",
+            ]  # fmt: skip
+            rows.append(row)
+            stats.append(dict(
+                name=f"{name} {n}×{m} ε={eps_rel:.2g}·mean", ok=ok, steps=int(k),
+                sk=times["sk"] / times["sns"], small=eps_rel <= 1e-3 * (1 + 1e-9), sk_ok=sk_ok,
+                ssns=None if t_ssns is None else t_ssns / times["sns"],
+            ))  # fmt: skip
+            log(" | ".join(str(v) for v in row))
+    regot_proc.close()
+    header = [
+        "problem", "n×m", "ε", "otlab.sns: time (Newton steps)", "otlab.sinkhorn: time (iters)",
+        "ott-jax: time (iters)", "regot SSNS: time (iters)", "sinkhorn / sns", "ott / sns",
+        "SSNS / sns",
+    ]  # fmt: skip
+    intro = (
+        "Issue 11's battery: data shaped like real data (translated and anisotropic clouds, "
+        "a 3-D Gaussian mixture, outliers, log-normal weights, n ≠ m), float64, L1 marginal "
+        f"error {tol:g}, squared-Euclidean cost matrix given to every solver. otlab.sns and "
+        "otlab.sinkhorn are timed interleaved (median of 3, warm); ott-jax runs when its "
+        f"measured time per iteration × otlab.sinkhorn's iterations is under "
+        f"{BATTERY_OTT_CAP_S:g} s, else that product is given (`est.`); regot SSNS (C++, 1 "
+        "thread) runs in a child process (ᵃ: re-run at `tol / sqrt(2n)`, its L2 rule having "
+        "missed the L1 criterion). Every otlab.sns result is re-checked in float64 NumPy."
+    )
+
+    def line(what, rows, ok):
+        bad = [r["name"] for r in rows if not ok(r)]
+        tail = f" — fails: {'; '.join(bad)}" if bad else ""
+        return f"- {what}: {len(rows) - len(bad)}/{len(rows)}{tail}"
+
+    targets = "\n".join([
+        "Targets (rows passing / rows measured):",
+        "",
+        line("SUCCESS with re-measured L1 ≤ tol wherever otlab.sinkhorn converged",
+             [r for r in stats if r["sk_ok"]], lambda r: r["ok"]),
+        line("≤ 60 Newton steps", stats, lambda r: r["steps"] <= 60),
+        line("≥ 2× faster than otlab.sinkhorn at ε ≤ 1e-3 × mean cost",
+             [r for r in stats if r["small"]], lambda r: r["sk"] >= 2),
+        line("faster than regot SSNS", [r for r in stats if r["ssns"] is not None],
+             lambda r: r["ssns"] > 1),
+    ])  # fmt: skip
+    body = intro + "\n\n" + common.table(header, rows, "lll" + "r" * 7) + "\n\n" + targets
+    return body + f"\n\n_Battery took {time.perf_counter() - t_start:.0f} s._\n"
+
+
 if __name__ == "__main__":
     quick = "--quick" in sys.argv[1:]
     print(f"machine: {common.machine()}", file=sys.stderr)
-    print(run(quick=quick))
-    if not quick:
-        print(f"wrote {RESULTS}", file=sys.stderr)
+    if "--battery" in sys.argv[1:]:
+        print(run_battery(quick=quick))
+    else:
+        print(run(quick=quick))
+        if not quick:
+            print(f"wrote {RESULTS}", file=sys.stderr)

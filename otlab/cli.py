@@ -117,7 +117,7 @@ class Row:
     solution: object = None  # an otlab OTSolution (None for the reference rows)
 
 
-#: The SNS row: its ``iters`` are Newton steps after 20 warm-up Sinkhorn iterations.
+#: The SNS row: its ``iters`` are Newton steps (after its Sinkhorn warm-up, not counted).
 SNS_LABEL = "otlab sns (Newton steps)"
 
 

@@ -274,8 +274,14 @@ def _forward(
     epsilon_decay: float,
     unroll: bool,
     translate: bool = False,
+    stall: bool = False,
 ):
     """Run Sinkhorn from ``init = (f0, g0, epsilon_init)``; returns ``(f, g, aux)``.
+
+    ``stall`` (static, for `otlab.sns`'s warm-up): also stop after a block (other than
+    the first) when the linear rate of that block (its error over the previous one)
+    predicts that ``tol`` is out of reach within ``max_iter`` iterations: Sinkhorn has
+    become too slow for the budget. The status is then ``MAX_ITER``.
 
     ``translate`` (static): a given start of an unbalanced problem is shifted by the
     constant of `otlab._dual.translate_start` and kept only if it beats zeros on the
@@ -371,6 +377,12 @@ def _forward(
         status = jnp.where(
             ~finite, Status.NONFINITE, jnp.where(converged, Status.SUCCESS, Status.MAX_ITER)
         )
+        slow = False
+        if stall and not first:
+            rate = err / loop.err
+            need = check_every * jnp.log(tol / err) / jnp.log(jnp.where(rate < 1, rate, 0.5))
+            left = max_iter - (loop.iters + ran)
+            slow = ((rate >= 1) | (need > left)) & (eps <= eps_target)
         return _Loop(
             s,
             loop.block + 1,
@@ -378,7 +390,7 @@ def _forward(
             err,
             loop.errors.at[loop.block // stride if stride > 1 else loop.block].set(err),
             status.astype(jnp.int32),
-            (~finite) | converged,
+            (~finite) | converged | slow,
         )
 
     eps0 = eps_at(jnp.asarray(0))

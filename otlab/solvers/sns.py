@@ -8,8 +8,9 @@ marginal violation ``G = (a - P 1, b - P^T 1)`` (balanced case) and its Hessian 
 
 $$ H = \\frac{1}{\\varepsilon}\\begin{pmatrix} \\mathrm{diag}(P1) & P \\\\ P^T & \\mathrm{diag}(P^T 1)\\end{pmatrix} + \\mathrm{diag}(\\kappa_a\\,\\tilde a, \\kappa_b\\,\\tilde b). $$
 
-Stage 1 runs ``warmup`` Sinkhorn iterations. Stage 2 takes regularised Newton
-steps ``z <- z + d`` with
+Stage 1 runs Sinkhorn iterations until their measured linear rate predicts that
+``tol`` is out of reach within ``warmup`` iterations (or ``tol`` is met). Stage 2
+takes regularised Newton steps ``z <- z + t d`` with
 
 $$ (\\tilde H + \\mu I)\\, d = G, \\qquad \\mu = \\nu\\,\\frac{|G|_1}{\\sum a}\\,\\bar h, $$
 
@@ -19,13 +20,20 @@ comparisons, no sort; see `otlab.Geometry.row_sparsify`), ``h`` is the mean
 diagonal of ``H~``, and ``d`` comes from Jacobi-preconditioned conjugate gradient
 with matrix-free products over the kept entries (a gather and a segment sum).
 
-Safeguards (SSNS): a step is accepted when the actual increase of ``D`` is at
-least 1% of the increase the quadratic model predicts — or, once the change in
-``D`` is below its rounding error (near marginal error 1e-9 in float64), when the
-gradient norm decreases. ``nu`` shrinks after good steps (towards a pure Newton
-step, quadratic convergence) and grows after poor or rejected ones (towards a
-scaled gradient step, global convergence); the shift also makes ``H~ + mu I``
-definite along the balanced gauge direction ``(1, -1)``.
+Globalisation. A backtracking (Armijo) line search on the dual picks ``t`` among
+``1, 1/2, ..., 2^-9``: a step never decreases ``D`` (once the change in ``D`` is
+below its rounding error, near marginal error 1e-9 in float64, it must decrease
+``|G|_1`` instead); with no acceptable ``t`` the iterate is kept and a block of
+Sinkhorn iterations runs instead. ``nu`` shrinks after full steps that the model
+predicts well (towards a pure Newton step, quadratic convergence) and grows
+otherwise (SSNS, Tang & Qiu 2024). Far from the solution at small epsilon Newton's
+model is poor (the dual is exponential in ``f / eps``), so the solver continues in
+epsilon: while no stage has converged, a step that is not a full step with fair
+progress moves the stage to ``4 epsilon`` (up to ``0.1`` times the mean cost); a stage
+that reaches an L1 error of ``0.1 sum(a)`` hands its potentials to the stage at
+``epsilon / 4``, after Sinkhorn iterations at the new epsilon (stopped, as in stage 1,
+by their measured rate). Convergence is declared at the target epsilon on the
+gauge-fixed potentials re-evaluated in the log domain.
 
 Adaptive budget: ``budgets`` is a static ladder of kept entries per row. The
 solver starts on the first rung and climbs one rung when an accepted, barely damped
@@ -42,6 +50,7 @@ Gradients come from `otlab.implicit`, like every otlab solver.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -72,6 +81,8 @@ class _State(NamedTuple):
     errors: Array
     status: Array
     done: Array
+    stage: Array  # continuation stage: epsilon * STAGE_FACTOR**stage
+    settled: Array  # a stage has converged: no more retreats
 
 
 def _evaluate(problem: _dual.Problem, geom, f, g):
@@ -81,6 +92,18 @@ def _evaluate(problem: _dual.Problem, geom, f, g):
     )
     ga, gb = problem.residual(f, g, row, col)
     return row, col, obj, ga, gb
+
+
+def _log_domain_error(problem: _dual.Problem, geom, f, g):
+    """The L1 residual with the marginals re-evaluated by max-shifted log-sum-exp
+    (two passes): what `OTSolution.marginals` reports. `_evaluate`'s single pass of
+    unshifted exponentials is faster but rounds differently (in float32 by up to
+    a few percent of ``tol``); convergence is declared on this one."""
+    eps = problem.epsilon
+    row = jnp.exp(geom.lse(f, g, eps, 1))
+    col = jnp.exp(geom.lse(f, g, eps, 0))
+    ga, gb = problem.residual(f, g, row, col)
+    return jnp.sum(jnp.abs(ga)) + jnp.sum(jnp.abs(gb))
 
 
 def _pcg(matvec, rhs, diag, tol, max_iter):
@@ -178,10 +201,9 @@ def _newton_direction(problem: _dual.Problem, geom, s: _State, ga, gb, *, rung, 
         cg_tol = jnp.minimum(0.1, jnp.sqrt(rel))
         d, cg_iters = _pcg(shifted, (ga, gb), (da + mu, db + mu), cg_tol, cg_max_iter)
     hd = hess(d)
-    pred = jnp.sum(ga * d[0]) + jnp.sum(gb * d[1]) - 0.5 * (
-        jnp.sum(d[0] * hd[0]) + jnp.sum(d[1] * hd[1])
-    )
-    return d, pred, cg_iters
+    gd = jnp.sum(ga * d[0]) + jnp.sum(gb * d[1])
+    pred = gd - 0.5 * (jnp.sum(d[0] * hd[0]) + jnp.sum(d[1] * hd[1]))
+    return d, pred, gd, cg_iters
 
 
 def _ladder(geom, budgets, dense_rung, direct_max):
@@ -200,12 +222,83 @@ def _ladder(geom, budgets, dense_rung, direct_max):
     return rungs
 
 
+#: epsilon-continuation: stage ``k`` solves at ``epsilon * STAGE_FACTOR**k``.
+STAGE_FACTOR = 4.0
+#: the highest stage epsilon, relative to the mean cost.
+STAGE_MAX_REL = 0.1
+#: an intermediate stage ends at an L1 error of ``STAGE_TOL_REL * sum(a)``.
+STAGE_TOL_REL = 0.1
+#: step-length halvings of the backtracking line search.
+LINE_SEARCH_HALVINGS = 10
+#: Sinkhorn iterations run when a Newton step finds no acceptable step length.
+FALLBACK_ITERS = 20
+
+
+class _Trial(NamedTuple):
+    k: Array  # halvings tried
+    ok: Array  # accepted
+    f: Array
+    g: Array
+    row: Array
+    col: Array
+    obj: Array
+    err: Array
+
+
+def _line_search(problem, geom, s: _State, d, gd, resolvable):
+    """Backtracking (Armijo) line search on the dual along ``d``: the first of
+    ``t = 1, 1/2, 1/4, ...`` with ``D(z + t d) >= D(z) + 1e-4 t G.d`` (or, once the
+    change of ``D`` is below rounding, a smaller ``|G|_1``). Returns the accepted
+    trial, or ``ok = False`` with the iterate unchanged."""
+
+    def cond(c: _Trial):
+        return ~c.ok & (c.k < LINE_SEARCH_HALVINGS)
+
+    def body(c: _Trial):
+        t = 0.5 ** c.k.astype(s.obj.dtype)
+        f, g = s.f + t * d[0], s.g + t * d[1]
+        row, col, obj, na, nb = _evaluate(problem, geom, f, g)
+        err = jnp.sum(jnp.abs(na)) + jnp.sum(jnp.abs(nb))
+        finite = jnp.isfinite(obj) & jnp.isfinite(err)
+        armijo = obj - s.obj >= 1e-4 * t * gd
+        ok = finite & (gd > 0) & jnp.where(resolvable, armijo, err < s.err)
+        return _Trial(c.k + 1, ok, f, g, row, col, obj, err)
+
+    c = jax.lax.while_loop(
+        cond, body, _Trial(jnp.asarray(0), jnp.asarray(False), s.f, s.g, s.row, s.col, s.obj, s.err)
+    )
+    keep = lambda new, old: jnp.where(c.ok, new, old)  # noqa: E731
+    t = jnp.where(c.ok, 0.5 ** (c.k - 1).astype(s.obj.dtype), 0.0)
+    return c._replace(
+        f=keep(c.f, s.f), g=keep(c.g, s.g), row=keep(c.row, s.row), col=keep(c.col, s.col),
+        obj=keep(c.obj, s.obj), err=keep(c.err, s.err),
+    ), t
+
+
+def _sinkhorn_iters(problem, geom, f, g, iters: int, tol: float, stall: bool):
+    """Up to ``iters`` Sinkhorn iterations at ``problem.epsilon`` (kernel engine for
+    dense, log domain for online geometries): stops at ``tol`` and, with ``stall``,
+    once a block of 10 iterations reduces the error by less than that factor."""
+    if iters == 1:
+        eps = problem.epsilon
+        f = sinkhorn_lib._half_step(problem.a, f, geom.lse(f, g, eps, 1), eps, problem.tau_a)
+        g = sinkhorn_lib._half_step(problem.b, g, geom.lse(f, g, eps, 0), eps, problem.tau_b)
+        return f, g
+    f, g, _ = sinkhorn_lib._forward(
+        problem, (f, g, None), mode="log" if geom.is_online else "kernel", tol=tol,
+        max_iter=iters, check_every=min(iters, 10), epsilon_decay=0.9, unroll=False,
+        stall=stall,
+    )  # fmt: skip
+    return f, g
+
+
 def _forward(
     problem: _dual.Problem, init, *, tol, max_iter, warmup, budgets, dense_rung, direct_max,
     cg_max_iter, translate=False,
 ):
     geom = problem.geom.materialize()
     dtype = problem.a.dtype
+    eps = problem.epsilon
     f0, g0 = init
     if warmup > 0:
         f0, g0, _ = sinkhorn_lib._forward(
@@ -218,6 +311,7 @@ def _forward(
             epsilon_decay=0.9,
             unroll=False,
             translate=translate,
+            stall=True,
         )
     rungs = _ladder(geom, budgets, dense_rung, direct_max)
     kinds = [kind for kind, _ in rungs]
@@ -228,54 +322,108 @@ def _forward(
     direct = kinds.index("direct") if "direct" in kinds else -1
     breakeven = max(20, min(geom.shape) // 10)
     rounding = 100.0 * jnp.finfo(dtype).eps
+    # The highest continuation stage: epsilon * 4**top <= max(epsilon, 0.1 * mean cost).
+    ratio_max = STAGE_MAX_REL * jax.lax.stop_gradient(geom.mean_cost()) / eps
+    top_stage = jnp.floor(jnp.log(jnp.maximum(ratio_max, 1.0)) / jnp.log(STAGE_FACTOR))
+    top_stage = jnp.where(jnp.isfinite(top_stage), top_stage, 0.0).astype(jnp.int32)
+    stage_tol = jnp.maximum(tol, STAGE_TOL_REL * jnp.sum(problem.a))
+
+    def at(stage):
+        e = eps * STAGE_FACTOR ** stage.astype(dtype)
+        return dataclasses.replace(problem, epsilon=e)
+
+    def verify(f, g):
+        """Convergence is declared on the potentials returned: put them in the gauge
+        `otlab.implicit` returns (in float32 the shift alone moves the error by a few
+        percent of ``tol``) and re-evaluate the error in the log domain."""
+        shift = lambda f, g: _dual.gauge_shift(  # noqa: E731
+            f, g, problem.a, problem.b, problem.tau_a, problem.tau_b
+        )
+        f, g = shift(f, g)
+        # `otlab.implicit` shifts again, by a rounding error: check what it returns.
+        return _log_domain_error(problem, geom, *shift(f, g)) <= tol, f, g
 
     def body(s: _State) -> _State:
-        ga, gb = problem.residual(s.f, s.g, s.row, s.col)
+        pk = at(s.stage)
+        ga, gb = pk.residual(s.f, s.g, s.row, s.col)
         branches = [
             functools.partial(_newton_direction, rung=r, cg_max_iter=cg_max_iter) for r in rungs
         ]
-        d, pred, cgi = jax.lax.switch(s.level, branches, problem, geom, s, ga, gb)
-        f, g = s.f + d[0], s.g + d[1]
-        row, col, obj, na, nb = _evaluate(problem, geom, f, g)
-        err = jnp.sum(jnp.abs(na)) + jnp.sum(jnp.abs(nb))
-        finite = jnp.isfinite(obj) & jnp.isfinite(err)
-        gain = obj - s.obj
+        d, pred, gd, cgi = jax.lax.switch(s.level, branches, pk, geom, s, ga, gb)
         resolvable = jnp.abs(pred) > rounding * (jnp.abs(s.obj) + 1.0)
-        ratio = gain / jnp.where(pred > 0, pred, 1.0)
-        accept = finite & jnp.where(resolvable, (pred > 0) & (ratio >= 0.01), err < s.err)
-        good = accept & (~resolvable | (ratio >= 0.75))
-        nu = jnp.where(good, s.nu / 4, jnp.where(accept & (ratio >= 0.25), s.nu, 4 * s.nu))
+        c, t = _line_search(pk, geom, s, d, gd, resolvable)
+        accept = c.ok
+        # The model's prediction at step t: t G.d - t^2 d^T H d / 2.
+        pred_t = t * gd - t**2 * (gd - pred)
+        ratio = (c.obj - s.obj) / jnp.where(pred_t > 0, pred_t, 1.0)
+        full = accept & (t == 1.0)
+        good = full & (~resolvable | (ratio >= 0.75))
+        nu = jnp.where(good, s.nu / 4, jnp.where(full & (ratio >= 0.25), s.nu, 4 * s.nu))
         nu = jnp.clip(nu, 1e-8, 1e8)
-        # Slow progress of an accepted, barely damped step (a reduction of |G| by less
-        # than 4x at nu <= 1/16) means the sketch is too crude: climb one rung.
-        slow = accept & (err > 0.25 * s.err) & (s.nu <= 1.0 / 16)
+        # Slow progress of a full, barely damped step (a reduction of |G| by less than
+        # 4x at nu <= 1/16) means the sketch is too crude: climb one rung.
+        slow = full & (c.err > 0.25 * s.err) & (s.nu <= 1.0 / 16)
         level = jnp.where(slow & (s.level < top_cg), s.level + 1, s.level)
         if direct >= 0:
             expensive = (s.level == top_cg) & (cgi > breakeven)
             level = jnp.where(expensive, direct, level)
-        pick = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
-        err = pick(err, s.err)
-        converged = err <= tol
-        stuck = nu >= 1e8  # no acceptable step even as a tiny gradient step: stop
+        # Continuation. Before any stage has converged, a step that is not a full
+        # Newton step with fair progress means Newton's fast region is out of reach at
+        # this epsilon: retreat to 4x epsilon. A stage that reaches its tolerance hands
+        # its potentials to the next, 4x smaller, epsilon. A step with no acceptable
+        # length falls back to a block of Sinkhorn iterations.
+        poor = ~full | (ratio < 0.25) | (c.err > 0.5 * s.err)
+        retreat = poor & ~s.settled & (s.stage < top_stage)
+        descend = (c.err <= stage_tol) & (s.stage > 0)
+        stage = jnp.where(descend, s.stage - 1, jnp.where(retreat, s.stage + 1, s.stage))
+        settled = s.settled | descend
+        fallback = ~accept & ~retreat
+        branch = jnp.where(stage != s.stage, 1, jnp.where(fallback, 2, 0))
+        pn = at(stage)
+
+        def keep(f, g):
+            return c.f, c.g, c.row, c.col, c.obj, c.err
+
+        def sinkhorn_then_evaluate(iters, stall):
+            def run(f, g):
+                f, g = _sinkhorn_iters(pn, geom, f, g, iters, tol, stall)
+                row, col, obj, na, nb = _evaluate(pn, geom, f, g)
+                return f, g, row, col, obj, jnp.sum(jnp.abs(na)) + jnp.sum(jnp.abs(nb))
+
+            return run
+
+        f, g, row, col, obj, err = jax.lax.switch(
+            branch,
+            [
+                keep,
+                sinkhorn_then_evaluate(max(warmup, 1), True),
+                sinkhorn_then_evaluate(FALLBACK_ITERS, False),
+            ],
+            c.f, c.g,
+        )
+        finite = jnp.isfinite(err) & jnp.isfinite(obj)
+        # Never worse than the start of the step: a Sinkhorn block that fails keeps it.
+        bad = ~finite & (branch > 0)
+        f, g, row, col, obj, err = (
+            jnp.where(bad, old, new)
+            for new, old in zip(
+                (f, g, row, col, obj, err), (c.f, c.g, c.row, c.col, c.obj, c.err), strict=True
+            )
+        )
+        stage = jnp.where(bad, s.stage, stage)
+        converged, f, g = jax.lax.cond(
+            (err <= tol) & (stage == 0), verify, lambda f, g: (jnp.asarray(False), f, g), f, g
+        )
         status = jnp.where(converged, Status.SUCCESS, s.status)
         return _State(
-            pick(f, s.f),
-            pick(g, s.g),
-            pick(row, s.row),
-            pick(col, s.col),
-            pick(obj, s.obj),
-            err,
-            nu,
-            level,
-            s.it + 1,
-            s.errors.at[s.it].set(err),
-            status.astype(jnp.int32),
-            converged | stuck,
-        )
+            f, g, row, col, obj, err, nu, level, s.it + 1, s.errors.at[s.it].set(err),
+            status.astype(jnp.int32), converged, stage, settled,
+        )  # fmt: skip
 
     row, col, obj, ga, gb = _evaluate(problem, geom, f0, g0)
     err = jnp.sum(jnp.abs(ga)) + jnp.sum(jnp.abs(gb))
     finite = jnp.isfinite(err) & jnp.isfinite(obj)
+    done, f0, g0 = jax.lax.cond(err <= tol, verify, lambda f, g: (jnp.asarray(False), f, g), f0, g0)
     s = _State(
         f0,
         g0,
@@ -288,9 +436,11 @@ def _forward(
         jnp.asarray(0),
         jnp.full((max_iter,), -1.0, dtype),
         jnp.where(
-            finite, jnp.where(err <= tol, Status.SUCCESS, Status.MAX_ITER), Status.NONFINITE
+            finite, jnp.where(done, Status.SUCCESS, Status.MAX_ITER), Status.NONFINITE
         ).astype(jnp.int32),
-        (err <= tol) | ~finite,
+        done | ~finite,
+        jnp.asarray(0, jnp.int32),
+        jnp.asarray(False),
     )
     s = jax.lax.while_loop(lambda s: (~s.done) & (s.it < max_iter), body, s)
     return s.f, s.g, (s.status, s.it, s.err, s.errors)
@@ -330,7 +480,7 @@ def sns(
     tau_b: float | Array = 1.0,
     tol: float | None = None,
     max_iter: int = 200,
-    warmup: int = 20,
+    warmup: int = 500,
     budgets: tuple[int, ...] = (16, 64, 256),
     dense_rung: bool = True,
     direct_max: int = 2048,
@@ -356,8 +506,12 @@ def sns(
         tau_b: same for ``b``.
         tol: static. Stop when the L1 optimality residual is ``<= tol``;
             default 1e-9 (float64) or 1e-4 (float32).
-        max_iter: static cap on Newton steps.
-        warmup: static number of Sinkhorn iterations before the Newton stage.
+        max_iter: static cap on Newton steps (each a direction, its line search and,
+            at a change of the continuation stage or when no step length is
+            acceptable, a block of Sinkhorn iterations).
+        warmup: static cap on the Sinkhorn iterations before the Newton stage (and
+            at each change of epsilon); they stop earlier once their measured rate
+            predicts that ``tol`` is out of reach within the cap.
         budgets: static ladder of kept Hessian entries per row (strided-bin
             maxima); the solver climbs it when convergence is slow. Budgets
             ``>= m`` become the exact Hessian.
@@ -374,8 +528,9 @@ def sns(
             (a Newton loop is not unrolled).
 
     Returns:
-        OTSolution: the solution; ``n_iter`` counts Newton steps (after the
-        ``warmup`` Sinkhorn iterations) and ``errors`` has one entry per step.
+        OTSolution: the solution; ``n_iter`` counts Newton steps (not the Sinkhorn
+        iterations) and ``errors`` has one entry per step (the error at that step's
+        continuation stage).
 
     Example:
         >>> import jax, otlab

@@ -9,6 +9,7 @@ from otlab.implicit import ImplicitDiff
 from otlab.solution import OTSolution, Status
 from otlab.solvers.sinkhorn import sinkhorn, sinkhorn_divergence
 from otlab.solvers.sns import sns
+from otlab.solvers.progot import ProgOTSolution, progot
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,6 @@ __all__ = [
     "sinkhorn",
     "sinkhorn_divergence",
     "sns",
+    "ProgOTSolution",
+    "progot",
 ]

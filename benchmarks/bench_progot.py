@@ -42,8 +42,10 @@ import scipy.linalg
 
 import otlab
 from benchmarks import common
+from otlab.solvers.progot import EPSILON_SCALES as SCALES
 
-from otlab.solvers.progot import EPSILON_SCALES as SCALES  # noqa: E402
+#: n of the timing table (10^4 asked; see docs/progot.md for what was feasible).
+TIMING_SIZES = (2000, 4000)
 ONE_SHOT_SCALES = (4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)
 
 
@@ -169,14 +171,100 @@ def accuracy(cases, num_steps: int = 8) -> str:
     )  # fmt: skip
 
 
+# -------------------------------------------------------------------------- timing
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps",))
+def _progot_solve(x, y, num_steps):
+    sol = otlab.progot(x, y, num_steps=num_steps)
+    return sol
+
+
+@jax.jit
+def _sinkhorn_solve(x, y, eps):
+    return otlab.sinkhorn(otlab.PointCloud(x, y), epsilon=eps)
+
+
+def _ott_timed(x, y, num_steps, tol, holdout=5):
+    """ott-jax's ProgOT, schedule selection (eager: ott marks it not jittable) + solve
+    (jitted, compiled ahead). Returns ``(seconds, solve seconds, output)``."""
+    from ott.geometry import pointcloud
+    from ott.problems.linear import linear_problem
+    from ott.tools import progot as ott_progot
+
+    held = (np.arange(y.shape[0]) % holdout) == holdout - 1
+    alphas = ott_progot.get_alpha_schedule("lin", num_steps=num_steps)
+
+    def schedule():
+        return ott_progot.get_epsilon_schedule(
+            pointcloud.PointCloud(x, y[~held]), alphas=alphas,
+            epsilon_scales=jnp.asarray(SCALES), y_eval=y[held], threshold=tol,
+        )  # fmt: skip
+
+    @jax.jit
+    def solve(x, y, eps):
+        solver = ott_progot.ProgOT(alphas, epsilons=eps)
+        return solver(linear_problem.LinearProblem(pointcloud.PointCloud(x, y)), warm_start=True,
+                      threshold=tol)
+
+    eps = common.block(schedule())  # warm-up (compiles the selection's pieces)
+    run = common.compiled(solve, x, y, eps)
+    t0 = time.perf_counter()
+    eps = common.block(schedule())
+    t_sched = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = common.block(run())
+    t_solve = time.perf_counter() - t0
+    return t_sched + t_solve, t_solve, out
+
+
+def timing(sizes, ds=(2, 16), num_steps: int = 8, reps: int = 3, ott: bool = True) -> str:
+    rows = []
+    for n in sizes:
+        for d in ds:
+            x, y, z, tz = gaussian(1, n, d)
+            prog = common.compiled(_progot_solve, x, y, num_steps)
+            t_prog, outs = common.time_interleaved({"progot": prog}, reps=reps)
+            sol = outs["progot"]
+            eps_end = sol.epsilons[-1]
+            sk = common.compiled(_sinkhorn_solve, x, y, eps_end)
+            t_sk, outs_sk = common.time_interleaved({"sinkhorn": sk}, reps=reps)
+            e_prog = _mse(sol.transport(z), tz)
+            e_sk = _mse(outs_sk["sinkhorn"].transport(z), tz)
+            if ott:
+                t_ott, t_ott_solve, out = _ott_timed(x, y, num_steps, 1e-4)
+                e_ott = _mse(out.transport(z)[1], tz)
+            else:
+                t_ott = t_ott_solve = e_ott = float("nan")
+            rows.append([
+                n, d, f"{t_prog['progot']:.2f}", int(np.sum(np.asarray(sol.n_iter))),
+                common.fmt(e_prog), f"{t_sk['sinkhorn']:.2f}",
+                int(outs_sk["sinkhorn"].n_iter), common.fmt(e_sk),
+                f"{t_ott:.2f} ({t_ott_solve:.2f})", common.fmt(e_ott),
+                f"{t_ott / t_prog['progot']:.2f}",
+            ])  # fmt: skip
+            print(rows[-1], file=sys.stderr, flush=True)
+    return common.table(
+        ["n", "d", "progot s", "progot iters (all steps)", "progot map MSE",
+         "sinkhorn at final eps s", "sinkhorn iters", "sinkhorn map MSE",
+         "ott ProgOT s (solve only)", "ott map MSE", "ott / progot"],
+        rows,
+    )  # fmt: skip
+
+
 def main(quick: bool = False) -> str:
     if quick:
         cases = [("gauss", gaussian, 2, 300), ("convex", nongaussian, 2, 300)]
-    else:
-        cases = [("gauss", gaussian, d, 1000) for d in (2, 8, 32)] + [
-            ("convex", nongaussian, d, 1000) for d in (2, 8)
-        ]
-    return accuracy(cases)
+        return accuracy(cases, num_steps=4) + "\n\n" + timing([500], num_steps=4, reps=1)
+    cases = [("gauss", gaussian, d, 1000) for d in (2, 8, 32)] + [
+        ("convex", nongaussian, d, 1000) for d in (2, 8)
+    ]
+    parts = [
+        "### Map accuracy (K = 8, lin)\n\n" + accuracy(cases, num_steps=8),
+        "### Map accuracy (K = 4, lin)\n\n" + accuracy(cases, num_steps=4),
+        "### Time to the coupling (K = 8)\n\n" + timing(TIMING_SIZES),
+    ]
+    return "\n\n".join(parts)
 
 
 def run(quick: bool = False) -> str:

@@ -264,11 +264,12 @@ def test_grad_matches_finite_differences(x64):
     grads = jax.grad(loss, argnums=(0, 1, 2))(x, y, eps)
     rng = np.random.default_rng(0)
     h = 1e-5
-    for i, arg in enumerate((x, y, eps)):
+    args = (x, y, eps)
+    for i, arg in enumerate(args):
         v = jnp.asarray(rng.normal(size=arg.shape))
-        shift = lambda s, i=i, v=v: [arg + s * h * v if j == i else w  # noqa: E731
-                                     for j, w in enumerate((x, y, eps))]
-        fd = (loss(*shift(1)) - loss(*shift(-1))) / (2 * h)
+        plus = [w + h * v if j == i else w for j, w in enumerate(args)]
+        minus = [w - h * v if j == i else w for j, w in enumerate(args)]
+        fd = (loss(*plus) - loss(*minus)) / (2 * h)
         np.testing.assert_allclose(jnp.vdot(grads[i], v), fd, rtol=1e-5, atol=1e-8)
 
 

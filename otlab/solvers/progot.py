@@ -73,7 +73,7 @@ from otlab.solution import OTSolution, Status
 from otlab.solvers.sinkhorn import sinkhorn
 from otlab.solvers.sns import sns
 
-__all__ = ["ProgOTSolution", "alpha_schedule", "epsilon_schedule", "progot"]
+__all__ = ["ProgOTSolution", "alpha_schedule", "progot"]
 
 Array = jax.Array
 
@@ -186,7 +186,7 @@ class ProgOTSolution:
     """What `progot` returns: the ``K`` steps, the iterates and the schedules.
 
     Attributes:
-        steps: the per-step `OTSolution`\\ s stacked along a leading axis of length
+        steps: the per-step `OTSolution` objects stacked along a leading axis of length
             ``K`` (``steps.f``, ``steps.g``, ``steps.epsilon``, ``steps.status``,
             ``steps.n_iter``, ...; ``steps.geom.x[k]`` is ``x^(k)``). `step` takes one.
         xs: ``(K + 1, n, d)`` iterates ``x^(0) = x, ..., x^(K)``.

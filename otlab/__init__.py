@@ -7,9 +7,9 @@ from otlab import costs, initializers
 from otlab.geometry import Geometry, PlanOperator, PointCloud, as_geometry, from_ott
 from otlab.implicit import ImplicitDiff
 from otlab.solution import OTSolution, Status
+from otlab.solvers.progot import ProgOTSolution, progot
 from otlab.solvers.sinkhorn import sinkhorn, sinkhorn_divergence
 from otlab.solvers.sns import sns
-from otlab.solvers.progot import ProgOTSolution, progot
 
 __version__ = "0.1.0"
 

@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "init_diagnostics": "benchmarks.bench_init_diagnostics",
     "sns": "benchmarks.bench_sns",
     "sns_battery": "benchmarks.bench_sns_battery",
+    "progot": "benchmarks.bench_progot",
 }
 
 RESULTS = pathlib.Path(__file__).with_name("results.md")

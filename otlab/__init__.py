@@ -7,6 +7,8 @@ from otlab import costs, initializers
 from otlab.geometry import Geometry, PlanOperator, PointCloud, as_geometry, from_ott
 from otlab.implicit import ImplicitDiff
 from otlab.solution import OTSolution, Status, warn_if_not_converged
+from otlab.solution import OTSolution, Status
+from otlab.solvers.progot import ProgOTSolution, progot
 from otlab.solvers.sinkhorn import sinkhorn, sinkhorn_divergence
 from otlab.solvers.sns import sns
 
@@ -27,4 +29,6 @@ __all__ = [
     "sinkhorn_divergence",
     "sns",
     "warn_if_not_converged",
+    "ProgOTSolution",
+    "progot",
 ]

@@ -506,6 +506,24 @@ class PointCloud(_GeometryBase):
             (self.x, f),
         )
 
+    def plan_cost_at(self, f: Array, g: Array, epsilon: Array, x_cost: Array) -> Array:
+        """``<C(x_cost, y), P>``: this geometry's plan ``P`` priced with the cost between
+        other source points ``x_cost`` (same number and order as ``x``) and ``y``.
+
+        Used by `otlab.progot`, whose coupling is the plan of the last step's displaced
+        points and whose cost is that of the original points. Dense or blocked, like
+        `plan_cost`.
+        """
+        if not self.is_online:
+            c = self.cost.all_pairs(x_cost, self.y)
+            return jnp.sum(c * jnp.exp(_logits(self.cost_matrix, f, g, epsilon)))
+
+        def block(xb, xcb, fb):
+            c = self.cost.all_pairs(xcb, self.y)
+            return jnp.sum(c * jnp.exp(_logits(self._cost_rows(xb), fb, g, epsilon)), axis=1)
+
+        return jnp.sum(_map_blocks(block, self.block_size, (self.x, x_cost, f)))
+
     def transport(self, g: Array, epsilon: Array, x_new: Array) -> Array:
         """Entropic (barycentric) map of new points, ``T(x) = sum_j w_j(x) y_j``.
 

@@ -13,6 +13,10 @@ from otlab import cli
 def test_demo_small(tmp_path, capsys):
     rows = cli.demo(out=str(tmp_path), n=60, use_ott=False)
     out = capsys.readouterr().out
+    progot = [r for r in rows if r.solver == cli.PROGOT_LABEL]  # balanced problems only
+    assert len(progot) == 2 and all(r.status == "SUCCESS" for r in progot)
+    assert all(r.marginal_error <= 1e-4 and r.reg_cost > 0 for r in progot)
+    rows = [r for r in rows if r.solver != cli.PROGOT_LABEL]
     problems = {r.problem for r in rows}
     solvers = {r.solver for r in rows}
     assert len(problems) == 3

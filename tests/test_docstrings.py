@@ -16,6 +16,7 @@ MODULES = [
     "otlab.initializers",
     "otlab.solvers.sinkhorn",
     "otlab.solvers.sns",
+    "otlab.solvers.progot",
     "otlab.plot",
 ]
 

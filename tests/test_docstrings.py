@@ -17,6 +17,11 @@ MODULES = [
     "otlab.solvers.sinkhorn",
     "otlab.solvers.sns",
     "otlab.plot",
+    "otlab.metric",
+    "otlab.metric.tensors",
+    "otlab.metric.fit",
+    "otlab.metric.synthetic",
+    "otlab.geodesic",
 ]
 
 

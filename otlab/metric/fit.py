@@ -4,8 +4,9 @@ Scarvelis & Solomon (2023, "Riemannian metric learning via optimal transport",
 ICLR) learn a field ``G(x)`` under which transporting each snapshot ``rho_i`` to the
 next is cheap, with a penalty that prevents the collapse ``G -> 0``. otlab uses
 the *entropic* formulation through its own solvers (the choice is discussed in
-docs/metric.md): with the metric-induced cost ``c_G(x, y) = (y - x)^T
-G((x + y)/2) (y - x)`` (`otlab.costs.Riemannian`), the loss is
+docs/metric.md): with the metric-induced cost ``c_G(x, y) = z^T (G(x) +
+4 G((x + y)/2) + G(y)) z / 6``, ``z = y - x`` (Simpson's rule for the energy of the
+straight segment, `otlab.costs.Riemannian` with ``method="simpson"``), the loss is
 
 $$ L(\\theta) = \\frac{\\sum_i \\mathrm{OT}_\\varepsilon(\\rho_i, \\rho_{i+1}; c_{G_\\theta}) / \\Delta t_i}{\\sum_i \\mathrm{OT}_\\varepsilon(\\rho_i, \\rho_{i+1}; |\\cdot|^2) / \\Delta t_i} \\; + \\; \\lambda\\, \\mathbb{E}_{x}\\, \\tfrac{1}{d} \\| G_\\theta(x)^{-1} \\|_F^2, $$
 
@@ -244,6 +245,12 @@ def fit(
         sinkhorn_tol: `otlab.sinkhorn`'s tolerance inside the training step.
         sinkhorn_max_iter: its iteration cap.
         progress: show a rich progress bar; ``None``: only when stderr is a terminal.
+        regularizer: ``"inverse_frobenius"`` (the penalty above) or ``"logdet"``
+            (``-E log det G / d``, which lets the anisotropy follow the data more
+            strongly but is unbounded below away from the data).
+        cost_method: the `otlab.costs.Riemannian` approximation used in the
+            transport term: ``"simpson"`` (default; the metric at both ends and the
+            middle of each pair's segment) or ``"midpoint"``.
 
     Returns:
         FitResult: ``.metric`` (the trained `Learned` metric) and ``.history``.
@@ -264,6 +271,10 @@ def fit(
             raise ValueError(f"`{name}` must be a positive float; got {v!r}.")
     if not (np.isfinite(penalty) and penalty >= 0):
         raise ValueError(f"`penalty` must be a non-negative float; got {penalty!r}.")
+    if regularizer not in ("inverse_frobenius", "logdet"):
+        raise ValueError(f"`regularizer` must be 'inverse_frobenius' or 'logdet'; got {regularizer!r}.")
+    if cost_method not in ("simpson", "midpoint"):
+        raise ValueError(f"`cost_method` must be 'simpson' or 'midpoint'; got {cost_method!r}.")
     dtype = snaps[0].dtype
     d = snaps[0].shape[1]
     cfg = _Config(float(learning_rate), float(epsilon), float(penalty),

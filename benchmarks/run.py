@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "initializers": "benchmarks.bench_initializers",
     "init_diagnostics": "benchmarks.bench_init_diagnostics",
     "sns": "benchmarks.bench_sns",
+    "metric": "benchmarks.bench_metric",
 }
 
 RESULTS = pathlib.Path(__file__).with_name("results.md")

@@ -3,8 +3,7 @@
 Pure, jit-compiled functions: arrays -> Geometry -> solver -> OTSolution.
 """
 
-from otlab import costs, initializers
-from otlab import geodesic, metric
+from otlab import costs, geodesic, initializers, metric
 from otlab.geometry import Geometry, PlanOperator, PointCloud, as_geometry, from_ott
 from otlab.implicit import ImplicitDiff
 from otlab.solution import OTSolution, Status

@@ -235,7 +235,7 @@ def interpolate(
     epsilon: float = 0.01,
     num_points: int = 16,
     max_steps: int = 100,
-    cost_method: str = "midpoint",
+    cost_method: str = "simpson",
 ) -> Array:
     """Samples of the geodesic interpolation between two samples at fraction ``t``.
 
@@ -252,7 +252,8 @@ def interpolate(
         epsilon: entropic regularisation relative to the mean cost (traced).
         num_points: static, points per geodesic.
         max_steps: static L-BFGS cap per geodesic.
-        cost_method: static, ``"midpoint"``, ``"simpson"`` or ``"geodesic"`` (see `otlab.costs.Riemannian`).
+        cost_method: static, the `otlab.costs.Riemannian` method of the coupling:
+            ``"simpson"`` (default), ``"midpoint"`` or ``"geodesic"``.
 
     Returns:
         Array: ``(n, d)`` interpolated samples, or ``(k, n, d)`` for ``k`` fractions.

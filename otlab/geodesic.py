@@ -34,7 +34,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,8 @@ import optax
 __all__ = ["energy", "length", "shortest_path", "interpolate", "trajectories"]
 
 Array = jax.Array
+#: A metric: a pytree callable ``x -> G(x)`` (`otlab.metric`).
+MetricLike = Callable[[Array], Array]
 
 
 def _segments(metric, path: Array) -> Array:
@@ -53,7 +55,7 @@ def _segments(metric, path: Array) -> Array:
     return jnp.einsum("ki,kij,kj->k", dx, g, dx)
 
 
-def energy(metric, path: Array) -> Array:
+def energy(metric: MetricLike, path: Array) -> Array:
     """The discrete path energy ``E`` of a ``(K, d)`` path (see the module docstring)."""
     return (path.shape[0] - 1) * jnp.sum(_segments(metric, path))
 
@@ -63,7 +65,7 @@ def _safe_sqrt(s: Array) -> Array:
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, s, 1.0)), 0.0)
 
 
-def length(metric, path: Array) -> Array:
+def length(metric: MetricLike, path: Array) -> Array:
     """The metric length ``sum_k sqrt(dx_k^T G(mid_k) dx_k)`` of a ``(K, d)`` path.
 
     Example:
@@ -107,7 +109,7 @@ def _default_tol(dtype) -> float:
 
 
 def shortest_path(
-    metric,
+    metric: MetricLike,
     x0: Array,
     x1: Array,
     num_points: int = 32,
@@ -227,7 +229,7 @@ def _couple(metric, x, y, epsilon, cost_method):
 
 
 def interpolate(
-    metric,
+    metric: MetricLike,
     samples0: Array,
     samples1: Array,
     t: float | Array,
@@ -300,7 +302,7 @@ def _interpolate(metric, x, y, ts, epsilon, *, num_points, max_steps, cost_metho
 
 
 def trajectories(
-    metric,
+    metric: MetricLike,
     snapshots: Sequence[Array],
     times: Sequence[float] | Array,
     t_eval: Array,
@@ -322,7 +324,9 @@ def trajectories(
         snapshots: a list of ``(n_i, d)`` samples (sizes may differ).
         times: their increasing times.
         t_eval: ``(k,)`` times in ``[t_0, t_T]``.
-        epsilon, num_points, max_steps: as in `interpolate`.
+        epsilon: as in `interpolate`.
+        num_points: as in `interpolate`.
+        max_steps: as in `interpolate`.
 
     Returns:
         Array: ``(k, n_0, d)`` positions of the ``n_0`` particles.

@@ -41,10 +41,15 @@ def test_constant_metric_straight_lines_1000_pairs():
     np.testing.assert_allclose(lengths, jnp.sqrt(jnp.einsum("ni,ij,nj->n", z, g.matrix, z)), rtol=1e-4)
 
 
-def test_poincare_circular_arcs_1000_pairs():
+@pytest.fixture(scope="module")
+def poincare_batch():
     x0, x1 = _pairs(1000)
-    paths = np.asarray(_batch(metric.PoincareHalfPlane(), jnp.asarray(x0, jnp.float32),
-                              jnp.asarray(x1, jnp.float32)))  # fmt: skip
+    x0, x1 = jnp.asarray(x0, jnp.float32), jnp.asarray(x1, jnp.float32)
+    return x0, x1, _batch(metric.PoincareHalfPlane(), x0, x1)
+
+
+def test_poincare_circular_arcs_1000_pairs(poincare_batch):
+    x0, x1, paths = (np.asarray(a, np.float64) for a in poincare_batch)
     # the circle through x0 and x1 centred on the boundary x_2 = 0
     c = (np.sum(x1**2, 1) - np.sum(x0**2, 1)) / (2 * (x1[:, 0] - x0[:, 0]))
     radius = np.hypot(x0[:, 0] - c, x0[:, 1])
@@ -74,27 +79,32 @@ def test_gradients_implicit_vs_closed_form_x64():
         grad = jax.grad(dist)(x0)
         exact = jax.grad(lambda a: metric.PoincareHalfPlane.distance(a, x1))(x0)
         np.testing.assert_allclose(grad, exact, rtol=2e-3)
-        # gradient with respect to a metric's parameter vs central differences
-        m = jnp.array([[1.5, 0.3], [0.3, 0.8]])
+        # gradient with respect to a learned metric's parameters vs central differences
+        field = metric.MetricField(dim=2, hidden=(4,))
+        params = field.init(jax.random.key(0), jnp.zeros(2))
+        params = jax.tree.map(lambda p: 0.5 * jax.random.normal(jax.random.key(1), p.shape), params)
+        learned = metric.Learned(field, params, jnp.zeros(2), jnp.asarray(1.0))
+        x1b = jnp.array([0.9, -0.4])
 
-        def energy_of(m):
-            gm = metric.FromCallable(lambda x: m * (1.0 + 0.3 * jnp.sin(x[0])))
-            return geodesic.energy(gm, geodesic.shortest_path(gm, x0, x1, 17))
+        @jax.jit
+        def energy_of(g):
+            return geodesic.energy(g, geodesic.shortest_path(g, x0, x1b, 17))
 
-        h = 1e-6
-        e = jnp.zeros((2, 2)).at[0, 1].set(h)
-        fd = (energy_of(m + e) - energy_of(m - e)) / (2 * h)
-        np.testing.assert_allclose(jax.grad(energy_of)(m)[0, 1], fd, rtol=1e-5)
+        direction = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape), learned)
+        grad = jax.grad(energy_of)(learned)
+        analytic = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(direction), strict=True))
+        h = 1e-5
+        shift = lambda s: jax.tree.map(lambda p, d: p + s * d, learned, direction)  # noqa: E731
+        fd = (energy_of(shift(h)) - energy_of(shift(-h))) / (2 * h)
+        np.testing.assert_allclose(analytic, fd, rtol=1e-4)
 
 
-def test_jit_equals_eager_and_vmap_equals_loop():
+def test_jit_vmap_equals_eager_loop(poincare_batch):
+    x0, x1, batched = poincare_batch
     g = metric.PoincareHalfPlane()
-    x0, x1 = _pairs(3, seed=2)
-    x0, x1 = jnp.asarray(x0, jnp.float32), jnp.asarray(x1, jnp.float32)
-    eager = [geodesic.shortest_path(g, a, b, K) for a, b in zip(x0, x1, strict=True)]
-    batched = _batch(g, x0, x1)
     for i in range(3):
-        np.testing.assert_allclose(batched[i], eager[i], atol=1e-4)
+        eager = geodesic.shortest_path(g, x0[i], x1[i], K)
+        np.testing.assert_allclose(batched[i], eager, atol=1e-4)
 
 
 def test_riemannian_cost_matches_mahalanobis_in_every_solver():
@@ -130,13 +140,15 @@ def test_riemannian_geodesic_cost_poincare():
 def test_interpolate_and_trajectories_euclidean():
     x = jax.random.normal(jax.random.key(0), (25, 2))
     eye = metric.Constant(jnp.eye(2))
-    out = geodesic.interpolate(eye, x, x + jnp.array([2.0, -1.0]), jnp.array([0.25, 0.5]))
-    assert out.shape == (2, 25, 2)
+    out = geodesic.interpolate(eye, x, x + jnp.array([2.0, -1.0]), jnp.array([0.25, 0.5, 1.0]))
+    assert out.shape == (3, 25, 2)
     np.testing.assert_allclose(out[1], x + jnp.array([1.0, -0.5]), atol=5e-2)
     np.testing.assert_allclose(out[0].mean(0), x.mean(0) + jnp.array([0.5, -0.25]), atol=1e-2)
-    snaps = [x, x + 1.0, x[:20] + jnp.array([3.0, 1.0])]
+    # the same shapes in each interval (3 fractions, 25 points): one compilation
+    snaps = [x, x + 1.0, x + jnp.array([3.0, 1.0])]
     paths = geodesic.trajectories(eye, snaps, [0.0, 1.0, 2.0], jnp.array([0.0, 0.5, 1.5, 2.0]))
     assert paths.shape == (4, 25, 2)
+    np.testing.assert_allclose(paths[0], x, atol=1e-5)
     np.testing.assert_allclose(paths[1].mean(0), x.mean(0) + 0.5, atol=2e-2)
     np.testing.assert_allclose(paths[2].mean(0), x.mean(0) + jnp.array([2.0, 1.0]), atol=5e-2)
 

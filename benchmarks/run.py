@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, str] = {
     "sns": "benchmarks.bench_sns",
     "sns_battery": "benchmarks.bench_sns_battery",
     "progot": "benchmarks.bench_progot",
+    "metric": "benchmarks.bench_metric",
 }
 
 RESULTS = pathlib.Path(__file__).with_name("results.md")

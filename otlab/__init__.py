@@ -3,7 +3,7 @@
 Pure, jit-compiled functions: arrays -> Geometry -> solver -> OTSolution.
 """
 
-from otlab import costs, initializers
+from otlab import costs, geodesic, initializers, metric
 from otlab.geometry import Geometry, PlanOperator, PointCloud, as_geometry, from_ott
 from otlab.implicit import ImplicitDiff
 from otlab.solution import OTSolution, Status, warn_if_not_converged
@@ -24,7 +24,9 @@ __all__ = [
     "as_geometry",
     "costs",
     "from_ott",
+    "geodesic",
     "initializers",
+    "metric",
     "sinkhorn",
     "sinkhorn_divergence",
     "sns",

@@ -223,3 +223,48 @@ def plot_errors(
     if label is not None:
         ax.legend(loc="best", fontsize="small")
     return ax
+
+
+__all__.append("plot_metric")
+
+
+def plot_metric(
+    metric: Any,
+    points: Any,
+    ax: Axes | None = None,
+    *,
+    size: float = 0.15,
+    color: str = "C3",
+    **kwargs,
+) -> Axes:
+    """Draw a 2-D metric as its unit balls ``{v : v^T G(x) v <= 1}`` (ellipses whose
+    long axes lie along the cheap directions) at each of ``points``.
+
+    The ellipses are normalised by the largest axis over all points, so they show
+    the metric's shape and relative scale. ``kwargs`` go to ``EllipseCollection``.
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> import jax.numpy as jnp, otlab.plot
+        >>> from otlab import metric
+        >>> ax = otlab.plot.plot_metric(metric.PoincareHalfPlane(), jnp.array([[0.0, 1.0], [1.0, 2.0]]))
+    """
+    from matplotlib.collections import EllipseCollection
+
+    ax = _axes(ax)
+    pts = _points(points, "points")
+    g = np.asarray(metric(np.asarray(pts, np.float32)), np.float64)
+    w, v = np.linalg.eigh(g)  # ascending: column 0 is the cheapest direction
+    axes_len = 1.0 / np.sqrt(w)  # semi-axes of the unit ball of G
+    axes_len = size * axes_len / axes_len.max()
+    angles = np.degrees(np.arctan2(v[:, 1, 0], v[:, 0, 0]))
+    coll = EllipseCollection(
+        2 * axes_len[:, 0], 2 * axes_len[:, 1], angles, units="xy", offsets=pts,
+        offset_transform=ax.transData, facecolors="none", edgecolors=color, **kwargs,
+    )  # fmt: skip
+    ax.add_collection(coll)
+    ax.update_datalim(pts)
+    ax.autoscale_view()
+    ax.set_aspect("equal")
+    return ax

@@ -31,7 +31,8 @@ def test_demo_small(tmp_path, capsys):
         np.testing.assert_allclose(costs, costs[0], rtol=1e-3)
     assert "otlab sns" in out and "init=auto" in out
     pngs = sorted(tmp_path.glob("*.png"))
-    assert len(pngs) == 4 * len(problems)
+    assert len(pngs) == 4 * len(problems) + 1  # + metric_learning.png
+    assert "metric learning" in out and (tmp_path / "metric_learning.png").exists()
     assert all(p.stat().st_size > 1000 for p in pngs)
 
 

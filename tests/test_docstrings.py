@@ -18,6 +18,11 @@ MODULES = [
     "otlab.solvers.sns",
     "otlab.solvers.progot",
     "otlab.plot",
+    "otlab.metric",
+    "otlab.metric.tensors",
+    "otlab.metric.fit",
+    "otlab.metric.synthetic",
+    "otlab.geodesic",
 ]
 
 

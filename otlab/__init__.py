@@ -7,7 +7,6 @@ from otlab import costs, geodesic, initializers, metric
 from otlab.geometry import Geometry, PlanOperator, PointCloud, as_geometry, from_ott
 from otlab.implicit import ImplicitDiff
 from otlab.solution import OTSolution, Status, warn_if_not_converged
-from otlab.solution import OTSolution, Status
 from otlab.solvers.progot import ProgOTSolution, progot
 from otlab.solvers.sinkhorn import sinkhorn, sinkhorn_divergence
 from otlab.solvers.sns import sns

@@ -168,28 +168,60 @@ def shortest_path(
     dtype = jnp.result_type(x0, x1, float)
     x0, x1 = x0.astype(dtype), x1.astype(dtype)
     tol = _default_tol(dtype) if tol is None else float(tol)
-    u = jnp.linspace(0.0, 1.0, num_points, dtype=dtype)[1:-1, None]
-    line = x0 + u * (x1 - x0)
-    # Preconditioning: the interior points are the straight line plus a sine series
-    # whose k-th mode is scaled by 1 / (pi k). The discrete Laplacian, which dominates
-    # the energy's Hessian, is diagonal in that basis with eigenvalues ~ (pi k)^2, so
-    # the Hessian in the coefficients is as well conditioned as the metric itself
-    # (L-BFGS on raw points would need ~ num_points^2 times more iterations).
-    k = jnp.arange(1, num_points - 1, dtype=dtype)
-    basis = jnp.sin(jnp.pi * u * k[None, :]) / (jnp.pi * k[None, :])
-
-    def objective(w):
-        z = line + basis @ w
-        return energy(metric, jnp.concatenate([x0[None], z, x1[None]]))
-
-    def solve(_, z):
-        return _lbfgs_minimise(objective, z, int(max_steps), tol)
-
-    def tangent_solve(hvp, y):
-        return jax.scipy.sparse.linalg.cg(hvp, y, tol=tol)[0]
-
-    w = jax.lax.custom_root(jax.grad(objective), jnp.zeros_like(line), solve, tangent_solve)
+    w = _coefficients(metric, x0, x1, int(num_points), int(max_steps), tol)
+    line, basis = _line_and_basis(x0, x1, num_points)
     return jnp.concatenate([x0[None], line + basis @ w, x1[None]])
+
+
+def _line_and_basis(x0: Array, x1: Array, num_points: int) -> tuple[Array, Array]:
+    """The straight line's interior points and the preconditioned sine basis.
+
+    The interior points are the straight line plus a sine series whose k-th mode is
+    scaled by 1 / (pi k). The discrete Laplacian, which dominates the energy's
+    Hessian, is diagonal in that basis with eigenvalues ~ (pi k)^2, so the Hessian in
+    the coefficients is as well conditioned as the metric itself (L-BFGS on raw
+    points would need ~ num_points^2 times more iterations).
+    """
+    u = jnp.linspace(0.0, 1.0, num_points, dtype=x0.dtype)[1:-1, None]
+    k = jnp.arange(1, num_points - 1, dtype=x0.dtype)
+    return x0 + u * (x1 - x0), jnp.sin(jnp.pi * u * k[None, :]) / (jnp.pi * k[None, :])
+
+
+def _path_energy(w: Array, metric, x0: Array, x1: Array, num_points: int) -> Array:
+    line, basis = _line_and_basis(x0, x1, num_points)
+    return energy(metric, jnp.concatenate([x0[None], line + basis @ w, x1[None]]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _coefficients(metric, x0, x1, num_points, max_steps, tol):
+    """The sine coefficients of the discrete geodesic, ``argmin_w E(w; metric, x0, x1)``.
+
+    Differentiated implicitly: at the minimiser ``grad_w E = 0``, so the cotangent
+    ``w_bar`` pulls back as ``-(d grad_w E / d theta)^T H^{-1} w_bar`` with ``H`` the
+    energy's Hessian in ``w`` (conjugate gradient on Hessian-vector products).
+    """
+    w0 = jnp.zeros((num_points - 2, x0.shape[0]), x0.dtype)
+    return _lbfgs_minimise(lambda w: _path_energy(w, metric, x0, x1, num_points), w0, max_steps, tol)
+
+
+def _coefficients_fwd(metric, x0, x1, num_points, max_steps, tol):
+    w = _coefficients(metric, x0, x1, num_points, max_steps, tol)
+    return w, (metric, x0, x1, w)
+
+
+def _coefficients_bwd(num_points, max_steps, tol, res, w_bar):
+    metric, x0, x1, w = res
+    grad_w = jax.grad(_path_energy)
+
+    def hvp(v):
+        return jax.jvp(lambda w: grad_w(w, metric, x0, x1, num_points), (w,), (v,))[1]
+
+    v = jax.scipy.sparse.linalg.cg(hvp, w_bar, tol=tol)[0]
+    _, pullback = jax.vjp(lambda m, a, b: grad_w(w, m, a, b, num_points), metric, x0, x1)
+    return pullback(-v)
+
+
+_coefficients.defvjp(_coefficients_fwd, _coefficients_bwd)
 
 
 def _at_fraction(metric, path: Array, t: Array) -> Array:

@@ -1,6 +1,6 @@
 """otlab.geodesic: discrete geodesics against closed forms (straight lines under a
 constant metric, circular arcs centred on the boundary in the Poincaré half-plane),
-vmapped over 1000 pairs; implicit gradients vs closed forms and finite differences;
+vmapped over 200 pairs (benchmarks/bench_metric.py times 1000); implicit gradients vs closed forms and finite differences;
 jit == eager, vmap == loop; interpolation and trajectories; bad input."""
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ _batch = jax.jit(
 )
 
 
-def test_constant_metric_straight_lines_1000_pairs():
+def test_constant_metric_straight_lines_200_pairs():
     rng = np.random.default_rng(1)
-    x0 = jnp.asarray(rng.normal(size=(1000, 2)), jnp.float32)
-    x1 = jnp.asarray(rng.normal(size=(1000, 2)), jnp.float32)
+    x0 = jnp.asarray(rng.normal(size=(200, 2)), jnp.float32)
+    x1 = jnp.asarray(rng.normal(size=(200, 2)), jnp.float32)
     g = metric.Constant(jnp.array([[2.0, 0.7], [0.7, 1.0]]))
     paths = _batch(g, x0, x1)
     u = jnp.linspace(0.0, 1.0, K)[None, :, None]
@@ -43,12 +43,12 @@ def test_constant_metric_straight_lines_1000_pairs():
 
 @pytest.fixture(scope="module")
 def poincare_batch():
-    x0, x1 = _pairs(1000)
+    x0, x1 = _pairs(200)
     x0, x1 = jnp.asarray(x0, jnp.float32), jnp.asarray(x1, jnp.float32)
     return x0, x1, _batch(metric.PoincareHalfPlane(), x0, x1)
 
 
-def test_poincare_circular_arcs_1000_pairs(poincare_batch):
+def test_poincare_circular_arcs_200_pairs(poincare_batch):
     x0, x1, paths = (np.asarray(a, np.float64) for a in poincare_batch)
     # the circle through x0 and x1 centred on the boundary x_2 = 0
     c = (np.sum(x1**2, 1) - np.sum(x0**2, 1)) / (2 * (x1[:, 0] - x0[:, 0]))

@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "sns_battery": "benchmarks.bench_sns_battery",
     "progot": "benchmarks.bench_progot",
     "metric": "benchmarks.bench_metric",
+    "compile": "benchmarks.bench_compile",
 }
 
 RESULTS = pathlib.Path(__file__).with_name("results.md")

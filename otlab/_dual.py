@@ -75,6 +75,26 @@ def dual_objective(f, g, a, b, epsilon, tau_a, tau_b, total_mass) -> Array:
     return div_a + div_b + epsilon * (jnp.sum(a) * jnp.sum(b) - total_mass)
 
 
+def _reg_cost(f, g, theta):
+    geom, a, b, epsilon, tau_a, tau_b = theta
+    mass = jnp.sum(jnp.exp(geom.lse(f, g, epsilon, axis=1)))
+    return dual_objective(f, g, a, b, epsilon, tau_a, tau_b, mass)
+
+
+@jax.custom_jvp
+def reg_cost(f, g, theta):
+    """The dual objective at ``(f, g)`` (``theta = (geom, a, b, epsilon, tau_a, tau_b)``),
+    differentiated by the envelope theorem (Danskin): ``dD/dtheta`` at fixed ``(f, g)``.
+    """
+    return _reg_cost(f, g, theta)
+
+
+@reg_cost.defjvp
+def _reg_cost_jvp(primals, tangents):
+    f, g, theta = primals
+    return jax.jvp(lambda th: _reg_cost(f, g, th), (theta,), (tangents[2],))
+
+
 def is_balanced(tau_a: Array, tau_b: Array) -> Array:
     """1.0 where both marginals are hard constraints, else 0.0 (traced-safe)."""
     return jnp.asarray((tau_a == 1.0) & (tau_b == 1.0), dtype=jnp.result_type(tau_a, float))

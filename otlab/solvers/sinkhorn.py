@@ -34,8 +34,8 @@ For unbalanced problems a given start (``init``) is first shifted by the constan
 that maximises the dual after the first half-step (`otlab._dual.translate_start`; one step of the
 translation-invariant Sinkhorn of Séjourné et al., 2022, applied to the start).
 
-The marginal residual is checked every ``check_every`` iterations (inside a
-``lax.scan`` block of the ``while_loop``), and after every iteration of the first
+The marginal residual is checked every ``check_every`` iterations (after a
+``lax.fori_loop`` block inside the ``while_loop``), and after every iteration of the first
 block (O(n + m) from the engines' marginals), so that a start that converges within
 it, e.g. a warm start, stops there. Gradients come from
 `otlab.implicit` (implicit function theorem), never from unrolling, unless
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from otlab import _checks, _dual, implicit, solution
 from otlab._checks import Init
 from otlab.costs import CostLike
-from otlab.geometry import GeometryLike
+from otlab.geometry import GeometryLike, PlanOperator
 from otlab.solution import OTSolution, Status
 
 __all__ = ["sinkhorn", "sinkhorn_divergence"]
@@ -137,20 +137,31 @@ class _KernelEngine:
     def absorb(p: _dual.Problem, geom, f, g, eps, log_row=None) -> _KernelState:
         """Safe absorption: one log-domain iteration first (rows, then columns, carry
         mass, so no row or column of ``K~`` underflows), then the kernel."""
-        log_row = geom.lse(f, g, eps, 1) if log_row is None else log_row
-        f = _half_step(p.a, f, log_row, eps, p.tau_a)
-        g = _half_step(p.b, g, geom.lse(f, g, eps, 0), eps, p.tau_b)
+        f, g = _KernelEngine._log_iteration(p, geom, f, g, eps, log_row)
         return _KernelEngine._build(p, geom, f, g, eps)
 
-    init = absorb
+    @staticmethod
+    def _log_iteration(p: _dual.Problem, geom, f, g, eps, log_row=None):
+        log_row = geom.lse(f, g, eps, 1) if log_row is None else log_row
+        f = _half_step(p.a, f, log_row, eps, p.tau_a)
+        return f, _half_step(p.b, g, geom.lse(f, g, eps, 0), eps, p.tau_b)
+
+    @staticmethod
+    def init(p: _dual.Problem, geom, f, g, eps, log_row=None) -> _KernelState:
+        """The state at ``(f, g)``. With ``log_row`` (a caller's row log-sum-exp), the
+        safe absorption now; without, a placeholder marked stale, whose kernel the loop's
+        first `maybe_absorb` builds by the same safe absorption (one traced copy of it
+        instead of two: fewer kernels to compile)."""
+        if log_row is not None:
+            return _KernelEngine.absorb(p, geom, f, g, eps, log_row)
+        matrix = None if geom.is_online else jnp.zeros(geom.shape, f.dtype)
+        op = PlanOperator(geom, f, g, jnp.asarray(eps), matrix)
+        zf, zg = jnp.zeros_like(f), jnp.zeros_like(g)
+        return _KernelState(f, g, zf, zg, zf, zg, op, eps, jnp.asarray(True))
 
     @staticmethod
     def potentials(s: _KernelState):
         return s.f_abs + s.eps * s.log_u, s.g_abs + s.eps * s.log_v
-
-    @staticmethod
-    def reabsorb(p, geom, s: _KernelState):
-        return _KernelEngine.absorb(p, geom, *_KernelEngine.potentials(s), s.eps)
 
     @staticmethod
     def _scaling(w, k_marg, pot_abs, eps, tau):
@@ -193,16 +204,18 @@ class _KernelEngine:
         """Rebuild the kernel when the scalings grew past 3/4 of the bound (one pass
         of exponentials), or safely after a frozen block (three passes)."""
         grown = _KernelEngine._too_large(p, s.log_u, s.log_v, 0.75 * _log_bound(s.kv.dtype))
-        branch = jnp.where(s.stale, 2, jnp.where(grown, 1, 0))
-        return jax.lax.switch(
-            branch,
-            [
-                lambda s: s,
-                lambda s: _KernelEngine._build(p, geom, *_KernelEngine.potentials(s), s.eps),
-                lambda s: _KernelEngine.reabsorb(p, geom, s),
-            ],
-            s,
-        )
+
+        def rebuild(s):
+            # Safe absorption after a frozen block: one log-domain iteration first
+            # (a nested cond: one traced copy of the kernel build serves both cases).
+            f, g = _KernelEngine.potentials(s)
+            f, g = jax.lax.cond(
+                s.stale, lambda f, g: _KernelEngine._log_iteration(p, geom, f, g, s.eps),
+                lambda f, g: (f, g), f, g,
+            )  # fmt: skip
+            return _KernelEngine._build(p, geom, f, g, s.eps)
+
+        return jax.lax.cond(s.stale | grown, rebuild, lambda s: s, s)
 
 
 # --------------------------------------------------------------------------- loop
@@ -341,51 +354,38 @@ def _forward(
             s = s._replace(stale=s.stale | (converged & ~ok))
         return s, err, converged & ok
 
-    def first_block(s, eps):
-        """The first block, checked after every iteration: a good start (``init``) that
-        converges within it stops there instead of running ``check_every`` iterations.
-        Returns the state and the iterations run (a skipped iteration is a ``lax.cond``
-        no-op; under ``vmap`` it is computed and discarded)."""
-
-        def one(carry, _):
-            s, k, stop = carry
-            s, k = jax.lax.cond(
-                stop, lambda s, k: (s, k), lambda s, k: (engine.step(problem, geom, s), k + 1), s, k
-            )
-            _, finite, converged = check(s, eps)
-            return (s, k, (~finite) | converged), None
-
-        carry = (s, jnp.asarray(0), jnp.asarray(False))
-        (s, k, _), _ = jax.lax.scan(one, carry, length=check_every)
-        return s, k
-
-    def body(loop: _Loop, first: bool = False, length: int = check_every) -> _Loop:
+    def body(loop: _Loop, length: int = check_every) -> _Loop:
+        """One block: ``length`` iterations, then the residual check. The first block
+        is checked after every iteration (a block of one iteration each time, with
+        ``loop.block`` still 0), so that a good start (``init``) that converges within
+        it stops there. One traced copy of the iteration and of the check serves both
+        (a separate first-block scan doubled the kernels XLA compiles); with ``unroll``
+        every block is a fixed-length scan (reverse-differentiable)."""
         eps = eps_at(loop.block)
         s = loop.state
         if epsilon_init is not None:  # static: annealing on or off
             s = jax.lax.cond(eps != s.eps, lambda s: new_epsilon(s, eps), lambda s: s, s)
         s = engine.maybe_absorb(problem, geom, s)
-        if first:
-            s, ran = first_block(s, eps)
-        else:
-            s, _ = jax.lax.scan(
-                lambda s, _: (engine.step(problem, geom, s), None), s, length=length
-            )
+        if unroll:
             ran = length
+            s, _ = jax.lax.scan(lambda s, _: (engine.step(problem, geom, s), None), s, length=ran)
+        else:
+            ran = jnp.where(loop.iters < check_every, 1, length)
+            s = jax.lax.fori_loop(0, ran, lambda _, s: engine.step(problem, geom, s), s)
         err, finite, converged = check(s, eps)
         s, err, converged = verify(s, eps, err, converged)
         status = jnp.where(
             ~finite, Status.NONFINITE, jnp.where(converged, Status.SUCCESS, Status.MAX_ITER)
         )
         slow = False
-        if stall and not first:
+        if stall:  # not in the first block (checked after every iteration)
             rate = err / loop.err
-            need = check_every * jnp.log(tol / err) / jnp.log(jnp.where(rate < 1, rate, 0.5))
+            need = ran * jnp.log(tol / err) / jnp.log(jnp.where(rate < 1, rate, 0.5))
             left = max_iter - (loop.iters + ran)
-            slow = ((rate >= 1) | (need > left)) & (eps <= eps_target)
+            slow = ((rate >= 1) | (need > left)) & (eps <= eps_target) & (loop.iters >= check_every)
         return _Loop(
             s,
-            loop.block + 1,
+            (loop.iters + ran) // check_every,
             loop.iters + ran,
             err,
             loop.errors.at[loop.block // stride if stride > 1 else loop.block].set(err),
@@ -407,15 +407,13 @@ def _forward(
         jnp.asarray(Status.MAX_ITER, jnp.int32),
         jnp.asarray(False),
     )
-    loop = body(loop, first=True)
     if unroll:
         # A fixed-length scan (reverse-differentiable); blocks after the stop are no-ops.
         def scan_body(loop, _, length=check_every):
             new = body(loop, length=length)
             return jax.tree.map(lambda x, y: jnp.where(loop.done, x, y), loop, new), None
 
-        if n_full > 1:
-            loop, _ = jax.lax.scan(scan_body, loop, length=n_full - 1)
+        loop, _ = jax.lax.scan(scan_body, loop, length=n_full)
         if rem:
             loop, _ = scan_body(loop, None, length=rem)
     else:
@@ -615,6 +613,19 @@ def sinkhorn(
     )
 
 
+def _envelope_reg_cost(sol: OTSolution) -> Array:
+    """``sol.reg_cost`` (its value: dual or primal form, NaN for a failed solve)
+    differentiated by the envelope theorem (`otlab._dual.reg_cost`): no backward linear
+    solve is compiled or run (as ott-jax's divergence, ``use_danskin``)."""
+    env = _dual.reg_cost(sol.f, sol.g, (sol.geom, sol.a, sol.b, sol.epsilon, sol.tau_a, sol.tau_b))
+    # The value is sol.reg_cost's exactly; the added term is zero in value and carries
+    # the envelope derivative. (``env + stop_gradient(reg_cost - env)`` would round:
+    # at eps = 1e10 the dual form's cancellation error is ~eps * ulp, and it swamped
+    # the value; a non-finite dual value contributes no derivative, never a NaN.)
+    derivative = jnp.where(jnp.isfinite(env), env - jax.lax.stop_gradient(env), 0.0)
+    return jax.lax.stop_gradient(sol.reg_cost) + derivative
+
+
 def sinkhorn_divergence(
     x: Array,
     y: Array,
@@ -635,7 +646,9 @@ def sinkhorn_divergence(
 
     Non-negative, zero iff the measures coincide, and a smooth, convex surrogate
     of ``W_p^p`` (Feydy et al., 2019). All three problems use the same epsilon
-    (default ``0.05 *`` the mean cost between ``x`` and ``y``).
+    (default ``0.05 *`` the mean cost between ``x`` and ``y``). Each ``reg_cost`` is
+    differentiated by the envelope theorem (exact at the optimum, first order in the
+    solves' residual; no backward linear solve).
 
     The value is NaN unless all three solves converged (``status == SUCCESS``,
     see `otlab.OTSolution.converged`), under ``jit`` too: a loss built on it never
@@ -709,6 +722,6 @@ def sinkhorn_divergence(
 def _divergence(s_xy: OTSolution, s_xx: OTSolution, s_yy: OTSolution, with_status: bool):
     """The debiased value of three solutions: NaN unless all converged, clipped at 0."""
     status = jnp.maximum(jnp.maximum(s_xy.status, s_xx.status), s_yy.status)
-    value = s_xy.reg_cost - 0.5 * (s_xx.reg_cost + s_yy.reg_cost)
+    value = _envelope_reg_cost(s_xy) - 0.5 * (_envelope_reg_cost(s_xx) + _envelope_reg_cost(s_yy))
     value = jnp.where(status == Status.SUCCESS, jnp.maximum(value, 0.0), jnp.nan)
     return (value, status) if with_status else value

@@ -218,11 +218,7 @@ class OTSolution:
         """
         if not hasattr(self.geom, "transport"):
             raise ValueError("`transport` needs a PointCloud geometry (points and a cost).")
-        return self._transport(x)
-
-    @_per_problem
-    def _transport(self, x: Array) -> Array:
-        return _transport(self, x)
+        return _per_problem(_transport)(self, x)  # checked above, outside the vmap
 
     @property
     @_per_problem

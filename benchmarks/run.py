@@ -27,6 +27,8 @@ BENCHMARKS: dict[str, str] = {
     "sns": "benchmarks.bench_sns",
     "sns_battery": "benchmarks.bench_sns_battery",
     "progot": "benchmarks.bench_progot",
+    "cardinality": "benchmarks.bench_cardinality",
+    "scale": "benchmarks.bench_scale",
     "metric": "benchmarks.bench_metric",
     "compile": "benchmarks.bench_compile",
 }

@@ -3,10 +3,12 @@
 Pure, jit-compiled functions: arrays -> Geometry -> solver -> OTSolution.
 """
 
-from otlab import costs, geodesic, initializers, metric
+from otlab import costs, geodesic, initializers, metric, sharding
 from otlab.geometry import Geometry, PlanOperator, PointCloud, as_geometry, from_ott
 from otlab.implicit import ImplicitDiff
+from otlab.ragged import PaddedBatch, RaggedSolution, pad_batch, solve_ragged
 from otlab.solution import OTSolution, Status, warn_if_not_converged
+from otlab.solvers.cardinality import CardinalitySolution, cardinality_constrained
 from otlab.solvers.progot import ProgOTSolution, progot
 from otlab.solvers.sinkhorn import sinkhorn, sinkhorn_divergence
 from otlab.solvers.sns import sns
@@ -32,4 +34,11 @@ __all__ = [
     "warn_if_not_converged",
     "ProgOTSolution",
     "progot",
+    "CardinalitySolution",
+    "cardinality_constrained",
+    "sharding",
+    "PaddedBatch",
+    "RaggedSolution",
+    "pad_batch",
+    "solve_ragged",
 ]

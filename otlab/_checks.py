@@ -83,10 +83,11 @@ def masses(a, b, tau_a, tau_b):
 
 def geometry(geom):
     geom = geometry_lib.as_geometry(geom)
+    base = getattr(geom, "inner", geom)  # a sharded geometry: check what it wraps
     arrays = (
-        {"cost_matrix": geom.cost_matrix}
-        if isinstance(geom, geometry_lib.Geometry)
-        else {"x": geom.x, "y": geom.y}
+        {"cost_matrix": base.cost_matrix}
+        if isinstance(base, geometry_lib.Geometry)
+        else {"x": base.x, "y": base.y}
     )
     for name, arr in arrays.items():
         if arr.ndim != 2:

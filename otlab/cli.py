@@ -454,9 +454,29 @@ def demo(
     )
     if plots:
         print(f"\nwrote {len(paths)} figures to {outdir}/: " + ", ".join(q.name for q in paths))
+    print(routing_line())
     metric_demo(outdir if plots else None, seed)
     print(f"demo took {time.perf_counter() - t0:.1f} s")
     return rows
+
+
+def routing_line(steps: int = 20) -> str:
+    """One line: MoE expert load with OT capacity routing vs top-1 softmax routing
+    (`otlab.nn.train_routing_demo`, no auxiliary loss)."""
+    from otlab.nn import train_routing_demo
+
+    ot = train_routing_demo("ot", steps=steps)
+    top = train_routing_demo("topk", steps=steps)
+
+    def loads(r):
+        return "/".join(f"{v:.2f}" for v in r["load"])
+
+    return (
+        f"\nMoE routing ({steps} steps, 64 tokens, 4 experts, no auxiliary loss): expert load "
+        f"OT capacity-20 {loads(ot)} (max {ot['max_tokens']} tokens/expert, loss "
+        f"{ot['losses'][0]:.0f} -> {ot['losses'][-1]:.1f}) vs top-1 softmax {loads(top)} "
+        f"(max {top['max_tokens']}, loss {top['losses'][0]:.0f} -> {top['losses'][-1]:.1f})"
+    )
 
 
 # --------------------------------------------------------------------------- solve

@@ -562,7 +562,7 @@ def from_ott(geom: Any) -> Geometry | PointCloud:
 
 def as_geometry(geom: GeometryLike) -> Geometry | PointCloud:
     """Accept an otlab geometry, an ott-jax geometry, or a 2-D cost matrix."""
-    if isinstance(geom, (Geometry, PointCloud)):
+    if isinstance(geom, _GeometryBase):  # also otlab.sharding.ShardedGeometry
         return geom
     mod = type(geom).__module__ or ""
     if mod.startswith("ott."):
@@ -573,3 +573,113 @@ def as_geometry(geom: GeometryLike) -> Geometry | PointCloud:
         "`geom` must be an otlab Geometry/PointCloud, an ott-jax geometry or a cost matrix; "
         f"got {type(geom).__name__}."
     )
+
+
+# ------------------------------------------------------------------ top-k selection
+# Column- or row-wise top-k of the scores ``f_i + g_j - C_ij`` and gathers of single
+# cost entries: what the cardinality-constrained solver (`otlab.cardinality_constrained`)
+# asks of a geometry. Added as functions (bound below as methods) so that the
+# classes above stay untouched.
+
+
+def _scores(c: Array, fr: Array, gc: Array) -> Array:
+    return fr[:, None] + gc[None, :] - c
+
+
+def _top_k(z: Array, k: int) -> tuple[Array, Array]:
+    """``lax.top_k`` along the last axis, fast in float64 too.
+
+    XLA's CPU ``top_k`` is a full sort in float64 (~50x slower than float32 at
+    1000 x 1000). Float64 input: candidates are the float32 top-``(k + 4)``, then the
+    exact float64 top-``k`` among them by pairwise ranks (ties to the lower index,
+    as ``top_k``); only more than 4 entries tied with the ``k``-th in float32 could
+    differ from an exact selection.
+    """
+    if z.dtype != jnp.float64 or k + 4 >= z.shape[-1]:
+        return jax.lax.top_k(z, k)
+    m = k + 4
+    cand = jax.lax.top_k(z.astype(jnp.float32), m)[1]
+    vals = jnp.take_along_axis(z, cand, axis=-1)
+    j = jnp.arange(m)
+    vi, vj = vals[..., :, None], vals[..., None, :]
+    rank = jnp.sum((vj > vi) | ((vj == vi) & (j[None, :] < j[:, None])), axis=-1)
+    pos = jnp.argmax(rank[..., None, :] == jnp.arange(k)[:, None], axis=-1)
+    return jnp.take_along_axis(vals, pos, axis=-1), jnp.take_along_axis(cand, pos, axis=-1)
+
+
+def _topk_last(z: Array, k: int) -> Array:
+    if k >= z.shape[-1]:  # every entry: no sort
+        return jnp.broadcast_to(jnp.arange(z.shape[-1], dtype=jnp.int32), z.shape)
+    return _top_k(z, k)[1].astype(jnp.int32)
+
+
+def _topk(self, f: Array, g: Array, k: int, axis: int = 0) -> Array:
+    """Indices of the ``k`` largest scores ``f_i + g_j - C_ij`` in each column
+    (``axis=0``: shape ``(m, k)``, row indices) or each row (``axis=1``: shape
+    ``(n, k)``, column indices), sorted by decreasing score.
+
+    The selection is piecewise constant in its inputs and carries no gradient
+    (``stop_gradient``); gather the selected costs with `cost_at`. Online point
+    clouds never build the ``n x m`` matrix: rows go block by block, and for
+    ``axis=0`` a running top-``k`` per column is merged with each row block.
+    """
+    f, g = jax.lax.stop_gradient(f), jax.lax.stop_gradient(g)
+    if axis not in (0, 1):
+        raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
+    if not self.is_online:
+        c = jax.lax.stop_gradient(self.cost_matrix)
+        if axis == 1:
+            return _topk_last(_scores(c, f, g), k)
+        return _topk_last(_scores(c.T, g, f), k)
+    if axis == 1:
+        return _map_blocks(
+            lambda xb, fb: _topk_last(_scores(self._cost_rows(xb), fb, g), k),
+            self.block_size,
+            (jax.lax.stop_gradient(self.x), f),
+        )
+    return _running_topk_cols(self, f, g, k)
+
+
+def _running_topk_cols(geom, f: Array, g: Array, k: int) -> Array:
+    """Column-wise top-``k`` over row blocks: memory ``O(m (k + block_size))``."""
+    n, m = geom.shape
+    bs = geom.block_size
+    nb = -(-n // bs)
+    pad = nb * bs - n
+    x = jnp.pad(jax.lax.stop_gradient(geom.x), [(0, pad), (0, 0)])
+    fp = jnp.pad(f, (0, pad), constant_values=-jnp.inf)  # padded rows never selected
+    rows = jnp.arange(nb * bs, dtype=jnp.int32)
+    kk = min(k, n)
+    init = (
+        jnp.full((m, kk), -jnp.inf, f.dtype),
+        jnp.zeros((m, kk), jnp.int32),
+    )
+
+    def body(carry, blk):
+        vals, idx = carry
+        xb, fb, rb = blk
+        s = _scores(geom._cost_rows(xb), fb, g).T  # (m, bs)
+        cat_v = jnp.concatenate([vals, s], axis=1)
+        cat_i = jnp.concatenate([idx, jnp.broadcast_to(rb, (m, bs))], axis=1)
+        v, pos = _top_k(cat_v, kk)
+        return (v, jnp.take_along_axis(cat_i, pos, axis=1)), None
+
+    split = lambda z: z.reshape((nb, bs) + z.shape[1:])  # noqa: E731
+    (_, idx), _ = jax.lax.scan(body, init, (split(x), split(fp), split(rows)))
+    return idx
+
+
+def _cost_at(self, rows: Array, cols: Array) -> Array:
+    """The cost entries ``C[rows, cols]`` (broadcast index arrays), differentiable in
+    the cost matrix, or in the points and cost parameters of a point cloud (each entry
+    is ``c(x_i, y_j)``, evaluated on its own: no ``n x m`` matrix)."""
+    if isinstance(self, PointCloud):
+        rows, cols = jnp.broadcast_arrays(rows, cols)
+        xs = self.x[rows.reshape(-1)]
+        ys = self.y[cols.reshape(-1)]
+        return jax.vmap(self.cost)(xs, ys).reshape(rows.shape)
+    return self.cost_matrix[rows, cols]
+
+
+_GeometryBase.topk = _topk
+_GeometryBase.cost_at = _cost_at

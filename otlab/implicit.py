@@ -1,10 +1,10 @@
-"""The one implicit-differentiation mechanism shared by every entropic solver.
+"""The one implicit-differentiation mechanism shared by every solver family.
 
 A solver hands `solve` a *forward* function ``forward(problem, init) ->
 (f, g, aux)`` that runs its iterations (a ``while_loop``, not differentiable) and
 returns the potentials. `solve` puts the result in the canonical gauge and,
 through a ``jax.custom_jvp``, differentiates it with the implicit function theorem
-applied to the optimality condition of entropic OT (``otlab._dual.Problem``):
+applied to the problem's optimality condition:
 
 $$ F(z^\\star(\\theta), \\theta) = 0 \\;\\Rightarrow\\; A\\, \\dot z = \\partial_\\theta F \\cdot \\dot\\theta, \\qquad A = -\\partial_z F, $$
 
@@ -17,6 +17,14 @@ on the solver, its initialisation or how many iterations it ran.
 
 The balanced gauge ``(f + t, g - t)`` is fixed by ``<a, f> = <b, g>`` in both the
 forward output and the optimality condition, which makes the solution unique.
+
+A problem family plugs in through the `Problem` protocol: a pytree with
+``optimality(f, g)`` (the residual ``F``, zero exactly at the gauge-fixed
+solution) and ``hessian_operator(f, g) -> (matvec, diagonal)`` (``A = -dF/d(f, g)``,
+symmetric positive definite, matrix-free), and the canonical gauge through the
+single-dispatch function `gauge`. The entropic dual (``otlab._dual.Problem``) and
+the cardinality-constrained dual (``otlab.solvers.cardinality.Problem``) are its
+two instances.
 
 Example:
     >>> import jax, otlab
@@ -32,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +48,7 @@ import numpy as np
 
 from otlab import _dual
 
-__all__ = ["ImplicitDiff", "solve"]
+__all__ = ["ImplicitDiff", "Problem", "gauge", "solve"]
 
 Array = jax.Array
 
@@ -70,8 +79,41 @@ def _tangent_zero(x):
     return np.zeros(x.shape, dtype=jax.dtypes.float0)
 
 
-def _gauge(problem: _dual.Problem, f, g):
+class Problem(Protocol):
+    """What a problem type declares to be differentiated by `solve` (a pytree:
+    every array it holds is something the solution is differentiated against).
+
+    Its canonical gauge comes from `gauge`: register the type there, or give it a
+    ``gauge(f, g)`` method. ``linear_solve`` accepts any such problem.
+    """
+
+    def optimality(self, f: Array, g: Array) -> tuple[Array, Array]:
+        """The residual ``F(f, g)``, zero exactly at the (gauge-fixed) solution."""
+        ...
+
+    def hessian_operator(self, f: Array, g: Array) -> tuple[Callable, tuple[Array, Array]]:
+        """``(matvec, (da, db))``: ``A = -dF/d(f, g)`` (symmetric positive definite)
+        as a function of a pair, and its diagonal (the Jacobi preconditioner)."""
+        ...
+
+
+@functools.singledispatch
+def gauge(problem: Any, f: Array, g: Array) -> tuple[Array, Array]:
+    """The canonical representative of the potentials ``(f, g)`` of ``problem``.
+
+    Dispatches on the problem's type; a problem type without a registration must
+    define a ``gauge(f, g)`` method.
+    """
+    return problem.gauge(f, g)
+
+
+@gauge.register(_dual.Problem)
+def _(problem: _dual.Problem, f: Array, g: Array) -> tuple[Array, Array]:
     return _dual.gauge_shift(f, g, problem.a, problem.b, problem.tau_a, problem.tau_b)
+
+
+def _gauge(problem, f, g):
+    return gauge(problem, f, g)
 
 
 def linear_solve(problem: _dual.Problem, f: Array, g: Array, rhs, cfg: ImplicitDiff):
@@ -107,7 +149,7 @@ def _implicit_jvp(forward, cfg, primals, tangents):
 
 def solve(
     forward: Callable,
-    problem: _dual.Problem,
+    problem: Problem,
     init: tuple[Array, Array],
     implicit_diff: ImplicitDiff | None = DEFAULT,
 ):
@@ -116,7 +158,8 @@ def solve(
     Args:
         forward: ``forward(problem, init) -> (f, g, aux)``; hashable (a function or
             a ``functools.partial`` of static options).
-        problem: the `otlab._dual.Problem` solved.
+        problem: the problem solved: any `Problem` (``otlab._dual.Problem`` for
+            the entropic solvers).
         init: initial potentials ``(f0, g0)``; they receive no gradient.
         implicit_diff: options of the implicit backward pass, or ``None`` to
             differentiate through ``forward`` itself (it must then be unrollable,

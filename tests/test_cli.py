@@ -4,6 +4,8 @@ command cannot break unnoticed."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,8 @@ def test_demo_small(tmp_path, capsys):
         costs = [r.reg_cost for r in rows if r.problem == p]
         np.testing.assert_allclose(costs, costs[0], rtol=1e-3)
     assert "otlab sns" in out and "init=auto" in out
+    line = next(q for q in out.splitlines() if q.startswith("MoE routing"))
+    assert int(re.search(r"\(max (\d+) tokens/expert", line).group(1)) <= 20  # the capacity
     pngs = sorted(tmp_path.glob("*.png"))
     assert len(pngs) == 4 * len(problems) + 1  # + metric_learning.png
     assert "metric learning" in out and (tmp_path / "metric_learning.png").exists()

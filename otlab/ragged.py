@@ -1,0 +1,362 @@
+"""Ragged batches: problems of different sizes solved together under ``jax.vmap``.
+
+`pad_batch` pads every problem to common sizes ``(N, M)``: padded points copy the
+problem's first point (a finite cost for every ground cost) and get weight zero. A
+zero-weight point is exact in entropic OT: its potential goes to ``eps log(tiny)``, so
+its row (column) of the plan is at most ``tiny`` and the real problem's potentials,
+costs and marginals are unchanged up to rounding. Padded target potentials start at
+that value (real ones at zero), so that from a zero start the iterates are those of
+the problem solved alone (an unbalanced problem's start is then shifted by the solver's
+translation of a given start, which changes the path, not the solution). `solve_ragged` pads, solves the
+stack with one vmapped solver call (one compilation per padded shape) and returns a
+`RaggedSolution`: per-problem status, costs and potentials on the real points, each
+problem the same as solved alone.
+
+Under ``vmap`` the solver's ``while_loop`` runs until the slowest problem converges;
+converged problems keep their state (each has its own ``n_iter`` and ``status``).
+
+Example:
+    >>> import jax, otlab
+    >>> keys = jax.random.split(jax.random.key(0), 3)
+    >>> xs = [jax.random.normal(k, (n, 2)) for k, n in zip(keys, (20, 35, 50))]
+    >>> ys = [x[::-1] + 1.0 for x in xs]
+    >>> res = otlab.solve_ragged(xs, ys, epsilon=0.1)
+    >>> len(res), [r.f.shape for r in res]
+    (3, [(20,), (35,), (50,)])
+    >>> alone = otlab.sinkhorn(otlab.PointCloud(xs[1], ys[1]), epsilon=0.1)
+    >>> bool(abs(res[1].reg_cost - alone.reg_cost) < 1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from otlab import costs as costs_lib
+from otlab import geometry as geometry_lib
+from otlab.geometry import PointCloud
+from otlab.solution import OTSolution
+from otlab.solvers.sinkhorn import sinkhorn
+
+__all__ = ["PaddedBatch", "RaggedSolution", "pad_batch", "solve_ragged"]
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PaddedBatch:
+    """Problems of different sizes padded to common sizes ``(N, M)`` and stacked.
+
+    Attributes:
+        x: ``(B, N, d)`` source points; rows ``>= n[k]`` of problem ``k`` are padding.
+        y: ``(B, M, d)`` target points; rows ``>= m[k]`` are padding.
+        a: ``(B, N)`` source weights, zero on padding.
+        b: ``(B, M)`` target weights, zero on padding.
+        n: static tuple of the real source sizes.
+        m: static tuple of the real target sizes.
+    """
+
+    x: Array
+    y: Array
+    a: Array
+    b: Array
+    n: tuple[int, ...] = geometry_lib._static()
+    m: tuple[int, ...] = geometry_lib._static()
+
+    def __len__(self) -> int:
+        return len(self.n)
+
+    @property
+    def mask_x(self) -> Array:
+        """``(B, N)`` booleans, true on real source points."""
+        return jnp.arange(self.x.shape[1])[None, :] < jnp.asarray(self.n)[:, None]
+
+    @property
+    def mask_y(self) -> Array:
+        """``(B, M)`` booleans, true on real target points."""
+        return jnp.arange(self.y.shape[1])[None, :] < jnp.asarray(self.m)[:, None]
+
+
+def _round_up(k: int, multiple: int) -> int:
+    return -(-k // multiple) * multiple
+
+
+def _pad_points(pts: Sequence[Any], name: str, size: int | None, multiple: int):
+    arrs = [jnp.asarray(p) for p in pts]
+    for i, p in enumerate(arrs):
+        if p.ndim != 2 or p.shape[0] == 0:
+            raise ValueError(f"`{name}[{i}]` must be a non-empty 2-D array (points, dim); got {p.shape}.")
+    if len({p.shape[1] for p in arrs}) > 1:
+        raise ValueError(f"all `{name}` must have the same dimension; got {[p.shape[1] for p in arrs]}.")
+    sizes = tuple(int(p.shape[0]) for p in arrs)
+    top = _round_up(max(sizes), multiple)
+    if size is not None:
+        if size < max(sizes):
+            raise ValueError(f"the padded size for `{name}` ({size}) is below the largest problem ({max(sizes)}).")
+        top = _round_up(size, multiple)
+    # padding repeats the first point: a finite cost for every ground cost
+    out = jnp.stack(
+        [jnp.concatenate([p, jnp.broadcast_to(p[:1], (top - p.shape[0], p.shape[1]))]) for p in arrs]
+    )
+    return out, sizes
+
+
+def _pad_weights(ws, sizes, top: int, name: str, dtype):
+    if ws is None:
+        ws = [jnp.full((k,), 1.0 / k, dtype) for k in sizes]
+    if len(ws) != len(sizes):
+        raise ValueError(f"`{name}` must have one weight vector per problem ({len(sizes)}); got {len(ws)}.")
+    out = []
+    for i, (w, k) in enumerate(zip(ws, sizes, strict=True)):
+        w = jnp.asarray(w, dtype)
+        if w.shape != (k,):
+            raise ValueError(f"`{name}[{i}]` must have shape ({k},); got {w.shape}.")
+        if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w) & (w >= 0))):
+            raise ValueError(f"`{name}[{i}]` must be finite and non-negative.")
+        out.append(jnp.pad(w, (0, top - k)))
+    return jnp.stack(out)
+
+
+def pad_batch(
+    xs: Sequence[Array],
+    ys: Sequence[Array],
+    a: Sequence[Array] | None = None,
+    b: Sequence[Array] | None = None,
+    *,
+    n_max: int | None = None,
+    m_max: int | None = None,
+    multiple: int = 1,
+) -> PaddedBatch:
+    """Pad point clouds of different sizes into one stacked batch.
+
+    Args:
+        xs: ``B`` source clouds, ``(n_k, d)`` each.
+        ys: ``B`` target clouds, ``(m_k, d)`` each.
+        a: ``B`` source weight vectors, default uniform per problem.
+        b: ``B`` target weight vectors, default uniform per problem.
+        n_max: padded source size (default the largest ``n_k``).
+        m_max: padded target size (default the largest ``m_k``).
+        multiple: round the padded sizes up to a multiple of this (fewer distinct
+            shapes, hence compilations, across batches; a multiple of the device
+            count for `otlab.sharding`).
+
+    Returns:
+        PaddedBatch: stacked points and weights; padding has weight zero and sits
+        on the problem's first point. Differentiable in the points and weights.
+
+    Example:
+        >>> import jax.numpy as jnp, otlab
+        >>> batch = otlab.pad_batch([jnp.zeros((3, 2)), jnp.ones((5, 2))],
+        ...                         [jnp.ones((4, 2)), jnp.zeros((2, 2))], multiple=4)
+        >>> batch.x.shape, batch.y.shape, batch.n, batch.m
+        ((2, 8, 2), (2, 4, 2), (3, 5), (4, 2))
+        >>> batch.a[0].tolist()
+        [0.3333333432674408, 0.3333333432674408, 0.3333333432674408, 0.0, 0.0, 0.0, 0.0, 0.0]
+    """
+    if len(xs) != len(ys) or len(xs) == 0:
+        raise ValueError(f"`xs` and `ys` must be non-empty and of equal length; got {len(xs)} and {len(ys)}.")
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"`multiple` must be a positive int; got {multiple!r}.")
+    x, n = _pad_points(xs, "xs", n_max, multiple)
+    y, m = _pad_points(ys, "ys", m_max, multiple)
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"`xs` and `ys` must have the same dimension; got {x.shape[-1]} and {y.shape[-1]}.")
+    dtype = jnp.result_type(x, y)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.result_type(float)
+    x, y = x.astype(dtype), y.astype(dtype)
+    return PaddedBatch(
+        x, y, _pad_weights(a, n, x.shape[1], "a", dtype), _pad_weights(b, m, y.shape[1], "b", dtype), n, m
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RaggedSolution:
+    """The solutions of a ragged batch.
+
+    ``res[k]`` is problem ``k``'s `otlab.OTSolution` on its real points only (its
+    geometry, weights and potentials trimmed), as if solved alone. The batched
+    properties give one value per problem without trimming.
+
+    Attributes:
+        solution: the batched `otlab.OTSolution` of the padded problems.
+        n: static tuple of the real source sizes.
+        m: static tuple of the real target sizes.
+    """
+
+    solution: OTSolution
+    n: tuple[int, ...] = geometry_lib._static()
+    m: tuple[int, ...] = geometry_lib._static()
+
+    def __len__(self) -> int:
+        return len(self.n)
+
+    def __getitem__(self, k: int) -> OTSolution:
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        k = k % len(self)
+        s = jax.tree.map(lambda leaf: leaf[k], self.solution)
+        n, m = self.n[k], self.m[k]
+        geom = s.geom
+        geom = PointCloud(geom.x[:n], geom.y[:m], geom.cost, geom.block_size)
+        return dataclasses.replace(s, f=s.f[:n], g=s.g[:m], geom=geom, a=s.a[:n], b=s.b[:m])
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+    def _map(self, fn):
+        return jax.vmap(fn)(self.solution)
+
+    @property
+    def status(self) -> Array:
+        """``(B,)`` status codes."""
+        return self.solution.status
+
+    @property
+    def converged(self) -> Array:
+        """``(B,)`` booleans."""
+        return self.solution.converged
+
+    @property
+    def n_iter(self) -> Array:
+        """``(B,)`` iterations run per problem."""
+        return self.solution.n_iter
+
+    @property
+    def reg_cost(self) -> Array:
+        """``(B,)`` entropic objectives (padding contributes nothing)."""
+        return self._map(lambda s: s.reg_cost)
+
+    @property
+    def cost(self) -> Array:
+        """``(B,)`` transport costs ``<C, P>``."""
+        return self._map(lambda s: s.cost)
+
+
+def _masked_mean_cost(geom: PointCloud, mx: Array, my: Array) -> Array:
+    """Mean cost over the real pairs (what a solver's default epsilon uses alone)."""
+    mx, my = mx.astype(geom.dtype), my.astype(geom.dtype)
+    if geom.is_online:
+        rows = geometry_lib._map_blocks(
+            lambda xb, mb: mb * (geom._cost_rows(xb) @ my), geom.block_size, (geom.x, mx)
+        )
+        total = jnp.sum(rows)
+    else:
+        total = mx @ geom.cost_matrix @ my
+    return total / (jnp.sum(mx) * jnp.sum(my))
+
+
+#: solver options that the solvers trace (a new value does not recompile)
+_TRACED = ("tau_a", "tau_b", "epsilon_init")
+
+
+def _is_arrays(v) -> bool:
+    leaves = jax.tree.leaves(v)
+    return bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
+
+
+@functools.partial(jax.jit, static_argnames=("solver", "block_size", "static"))
+def _solve_padded(batch, cost, eps, traced, *, solver, block_size, static):
+    """One compiled program per padded shape: the vmapped solver over the batch."""
+
+    def one(x, y, a, b, mx, my, eps):
+        geom = PointCloud(x, y, cost, block_size)
+        if eps is None:
+            eps = 0.05 * jax.lax.stop_gradient(_masked_mean_cost(geom, mx, my))
+        kwargs = {**dict(static), **traced}
+        if kwargs.get("init") is None:
+            # Zero potentials on the real points. A padded column starts at
+            # eps * log(tiny), where a solve would put it after one half-step: from
+            # zero it would count as a copy of its point in the first update of f.
+            tiny = jnp.log(jnp.finfo(geom.dtype).tiny)
+            kwargs["init"] = (jnp.zeros_like(a), jnp.where(my, 0.0, eps * tiny).astype(b.dtype))
+        return solver(geom, a, b, epsilon=eps, **kwargs)
+
+    in_axes = (0, 0, 0, 0, 0, 0, None if eps is None else 0)
+    return jax.vmap(one, in_axes=in_axes)(
+        batch.x, batch.y, batch.a, batch.b, batch.mask_x, batch.mask_y, eps
+    )
+
+
+def solve_ragged(
+    xs: Sequence[Array] | PaddedBatch,
+    ys: Sequence[Array] | None = None,
+    a: Sequence[Array] | None = None,
+    b: Sequence[Array] | None = None,
+    *,
+    solver: Callable[..., OTSolution] = sinkhorn,
+    cost: costs_lib.CostLike = None,
+    block_size: int | None = None,
+    epsilon: float | Array | None = None,
+    multiple: int = 1,
+    **solver_kwargs: Any,
+) -> RaggedSolution:
+    """Solve OT problems of different sizes together with one vmapped solver call.
+
+    Args:
+        xs: ``B`` source clouds ``(n_k, d)``, or a `PaddedBatch` (then ``ys``,
+            ``a``, ``b`` and ``multiple`` are not given).
+        ys: ``B`` target clouds ``(m_k, d)``.
+        a: ``B`` source weight vectors, default uniform.
+        b: ``B`` target weight vectors, default uniform.
+        solver: an otlab solver with the signature of `otlab.sinkhorn`
+            (`otlab.sinkhorn`, `otlab.sns`).
+        cost: ground cost shared by all problems (see `otlab.PointCloud`).
+        block_size: online block size, or ``None`` for dense geometries.
+        epsilon: a scalar or ``(B,)`` values; default per problem ``0.05 *`` the
+            mean cost over its real points (the solvers' own default).
+        multiple: as in `pad_batch`.
+        **solver_kwargs: static options and scalars passed to every solve (``tol``,
+            ``max_iter``, ``tau_a``, ...).
+
+    Returns:
+        RaggedSolution: ``res[k]`` equals ``solver(PointCloud(xs[k], ys[k]), a[k],
+        b[k], ...)`` up to rounding (potentials on the real points, costs, status).
+
+    Example:
+        >>> import jax, otlab
+        >>> xs = [jax.random.normal(jax.random.key(k), (10 * k + 10, 2)) for k in range(3)]
+        >>> res = otlab.solve_ragged(xs, [x[::-1] + 1.0 for x in xs], epsilon=1.0)
+        >>> res.converged.tolist(), res.reg_cost.shape
+        ([True, True, True], (3,))
+    """
+    if isinstance(xs, PaddedBatch):
+        if ys is not None or a is not None or b is not None:
+            raise ValueError("with a PaddedBatch, do not pass `ys`, `a` or `b`.")
+        batch = xs
+    else:
+        if ys is None:
+            raise ValueError("`ys` is required (one target cloud per source cloud).")
+        batch = pad_batch(xs, ys, a, b, multiple=multiple)
+    if not callable(solver):
+        raise ValueError(f"`solver` must be an otlab solver function; got {solver!r}.")
+    nb = len(batch)
+    eps = None if epsilon is None else jnp.broadcast_to(jnp.asarray(epsilon, batch.x.dtype), (nb,))
+    if eps is not None and not isinstance(eps, jax.core.Tracer):
+        if not bool(jnp.all(jnp.isfinite(eps) & (eps > 0))):
+            raise ValueError(f"`epsilon` must be finite and > 0 for every problem; got {epsilon!r}.")
+    # arrays among the options are traced; the rest (tol, mode, callables, ...) static
+    traced = {
+        k: jnp.asarray(v, batch.x.dtype) if k in _TRACED and v is not None else v
+        for k, v in solver_kwargs.items()
+        if k in _TRACED or _is_arrays(v)
+    }
+    static = tuple(sorted((k, v) for k, v in solver_kwargs.items() if k not in traced))
+    try:
+        hash(static)
+    except TypeError as err:
+        raise ValueError(f"solver options must be arrays or hashable values: {err}") from None
+    sol = _solve_padded(
+        batch, costs_lib.as_cost(cost), eps, traced,
+        solver=solver, block_size=block_size, static=static,
+    )  # fmt: skip
+    return RaggedSolution(sol, batch.n, batch.m)

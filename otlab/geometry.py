@@ -155,6 +155,44 @@ def _map_blocks(fn, block_size: int, args: tuple) -> Any:
     return jax.tree.map(lambda o: o.reshape((nb * block_size,) + o.shape[2:])[:n], out)
 
 
+def _factored_lse(phi, psi, f, g, eps, axis: int, block_size: int, shift=None) -> Array:
+    """Online log-sum-exp for a cost with a factored form ``C = phi @ psi.T``
+    (`otlab.costs.Cost.features`): the logits ``(f_i + g_j - C_ij) / eps`` of a block
+    are one GEMM of augmented features, ``[f/eps, 1/eps, -phi/eps] @ [1, g, psi]^T``,
+    reduced along its contiguous last axis (exp and sum fused by XLA). ``axis=0``
+    blocks the columns instead, so both reductions run along rows.
+
+    Without ``shift`` each block is max-shifted (a second read of the block). With a
+    ``shift`` (a guess of the result, e.g. the previous iteration's), it enters the
+    GEMM as one more feature and the block is exponentiated directly; if any result
+    leaves ``[-B, B]`` (``B = 40`` in float32, ``300`` in float64: no overflow, and
+    underflowed terms negligible) the pass is redone with the max shift.
+
+    Measured (float32, n = m = 4096, d = 3, 2-core CPU, per pass): 2.6 to 2.9 G
+    entries/s with the max shift, 3.4 to 3.8 with a good ``shift``, against 1.1 to
+    1.5 for the cost block evaluated, then exponentiated (`benchmarks/bench_scale.py`).
+    """
+    u = jnp.concatenate([f[:, None], jnp.ones_like(f[:, None]), -phi], 1) / eps
+    v = jnp.concatenate([jnp.ones_like(g[:, None]), g[:, None], psi], 1)
+    rows, cols = (u, v) if axis == 1 else (v, u)
+
+    def exact():
+        return _map_blocks(lambda rb: _lse_last(rb @ cols.T), block_size, (rows,))
+
+    if shift is None:
+        return exact()
+    shift = jax.lax.stop_gradient(shift)
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0).astype(rows.dtype)
+    rows_s = jnp.concatenate([rows, -shift[:, None]], 1)
+    cols_s = jnp.concatenate([cols, jnp.ones_like(cols[:, :1])], 1)
+    r = _map_blocks(
+        lambda rb: jnp.log(jnp.sum(jnp.exp(rb @ cols_s.T), axis=-1)), block_size, (rows_s,)
+    )
+    bound = 300.0 if rows.dtype == jnp.float64 else 40.0
+    ok = jnp.all(jnp.abs(r) <= bound)  # False for NaN
+    return jax.lax.cond(ok, lambda: shift + r, exact)
+
+
 def _finite_stats(c: Array, axis=None) -> tuple[Array, Array, Array]:
     """``(max |C|, sum C / max |C|, count)`` over finite entries, along ``axis``
     (``None``: all); overflow-free, see `_GeometryBase.default_epsilon`."""
@@ -233,8 +271,14 @@ class _GeometryBase:
         """The geometry a solver loop should iterate on (dense costs evaluated once)."""
         return self
 
-    def lse(self, f: Array, g: Array, epsilon: Array, axis: int) -> Array:
-        """``log(P 1)`` for ``axis=1`` (length ``n``) or ``log(P^T 1)`` for ``axis=0``."""
+    def lse(self, f: Array, g: Array, epsilon: Array, axis: int, shift: Array | None = None) -> Array:
+        """``log(P 1)`` for ``axis=1`` (length ``n``) or ``log(P^T 1)`` for ``axis=0``.
+
+        ``shift`` (optional, no gradient): a guess of the result, which online
+        geometries with a factored cost use instead of a max pass over each block
+        (checked: a guess too far off for the dtype's exponent range falls back to the
+        exact max shift). The result does not depend on it beyond rounding.
+        """
         c = self.cost_matrix
         if axis == 1:
             return _lse_last(_logits(c, f, g, epsilon))
@@ -435,9 +479,14 @@ class PointCloud(_GeometryBase):
             return self
         return Geometry(self.cost_matrix)
 
-    def lse(self, f, g, epsilon, axis):
+    def lse(self, f, g, epsilon, axis, shift=None):
         if not self.is_online:
             return super().lse(f, g, epsilon, axis)
+        if axis not in (0, 1):
+            raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
+        feats = self.cost.features(self.x, self.y)
+        if feats is not None:
+            return _factored_lse(*feats, f, g, epsilon, axis, self.block_size, shift)
         if axis == 1:
             return _map_blocks(
                 lambda xb, fb: _lse_last(_logits(self._cost_rows(xb), fb, g, epsilon)),

@@ -207,13 +207,18 @@ class ShardedGeometry(_GeometryBase):
             return ShardedGeometry(Geometry(self.cost_matrix), self.mesh, self.axis)
         return self
 
-    def lse(self, f, g, epsilon, axis):
+    def lse(self, f, g, epsilon, axis, shift=None):
         eps = jnp.asarray(epsilon)
         if axis == 1:
+            if shift is None:
+                return self._smap(
+                    lambda geom, f, g, e: geom.lse(f, g, e, 1), self._row, (f,), (g, eps)
+                )
             return self._smap(
-                lambda geom, f, g, e: geom.lse(f, g, e, 1), self._row, (f,), (g, eps)
+                lambda geom, f, s, g, e: geom.lse(f, g, e, 1, s), self._row, (f, shift), (g, eps)
             )
         if axis == 0:
+            # (no shift: a shard's partial sums are not near the whole column's)
             names = self._names()
             return self._smap(
                 lambda geom, f, g, e: _combine_lse(geom.lse(f, g, e, 0), names),

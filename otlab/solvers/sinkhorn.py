@@ -100,10 +100,13 @@ class _LogEngine:
     def step(p: _dual.Problem, geom, s: _LogState) -> _LogState:
         eps = s.eps
         f = _half_step(p.a, s.f, s.log_row, eps, p.tau_a)
-        log_col = geom.lse(f, s.g, eps, 0)
+        # shifts (online factored costs skip a max pass): the last column sums, and the
+        # row sums at (f, old g), exact: log_row + (f - old f) / eps
+        log_col = geom.lse(f, s.g, eps, 0, shift=s.log_col)
         g = _half_step(p.b, s.g, log_col, eps, p.tau_b)
         log_col = log_col + (g - s.g) / eps
-        return _LogState(f, g, geom.lse(f, g, eps, 1), log_col, eps)
+        log_row = geom.lse(f, g, eps, 1, shift=s.log_row + (f - s.f) / eps)
+        return _LogState(f, g, log_row, log_col, eps)
 
     @staticmethod
     def potentials(s: _LogState):

@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "scale": "benchmarks.bench_scale",
     "metric": "benchmarks.bench_metric",
     "compile": "benchmarks.bench_compile",
+    "large": "benchmarks.bench_large",
 }
 
 RESULTS = pathlib.Path(__file__).with_name("results.md")

@@ -88,3 +88,25 @@ def test_online_sinkhorn_and_gradients_equal_dense(x64):
     sol = otlab.sinkhorn(otlab.PointCloud(x, y, block_size=8), a, epsilon=0.1, tol=1e-11)
     ref = otlab.sinkhorn(otlab.PointCloud(x, y), a, epsilon=0.1, tol=1e-11, mode="log")
     assert int(sol.n_iter) == int(ref.n_iter) and bool(sol.converged)
+
+
+def test_auto_block_size():
+    from otlab.geometry import auto_block_size
+
+    assert auto_block_size(4096, 4096) == 512  # 8 MB of float32 logits per block
+    assert auto_block_size(4096, 4096, jnp.float64) == 256
+    assert auto_block_size(10**6, 10) == 16  # at least 16 rows
+    assert auto_block_size(100, 80) == 128  # no more than the clouds (to a power of two)
+    assert auto_block_size(50, 50, budget=1 << 40) == 64
+    with pytest.raises(ValueError, match="budget"):
+        auto_block_size(10, 10, budget=0)
+    x, y = _clouds()
+    geom = otlab.PointCloud(x, y, block_size="auto")
+    assert geom.is_online and geom.block_size == 64
+    f, g = jnp.zeros(37), jnp.zeros(29)
+    np.testing.assert_allclose(geom.lse(f, g, 0.1, 1), otlab.PointCloud(x, y).lse(f, g, 0.1, 1))
+    # static under jit and vmap (the resolved size is part of the pytree's static data)
+    out = jax.jit(lambda x: otlab.PointCloud(x, y, block_size="auto").lse(f, g, 0.1, 0))(x)
+    np.testing.assert_allclose(out, otlab.PointCloud(x, y).lse(f, g, 0.1, 0), rtol=1e-12)
+    with pytest.raises(ValueError, match="block_size"):
+        otlab.PointCloud(x, y, block_size="big")

@@ -44,12 +44,12 @@ test: unit notebooks
 	$(MAKE) docs
 
 unit: $(STAMP)
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --dist loadgroup tests
 
 notebooks: $(STAMP)
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-		echo "$(PY) -m pytest --nbmake notebooks"; \
-		$(PY) -m pytest --nbmake notebooks; \
+		echo "$(PY) -m pytest -n 2 --nbmake notebooks"; \
+		$(PY) -m pytest -n 2 --nbmake notebooks; \
 	else \
 		echo "no notebooks/*.ipynb: skipping notebook tests"; \
 	fi

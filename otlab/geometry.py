@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -153,6 +154,26 @@ def _map_blocks(fn, block_size: int, args: tuple) -> Any:
 
     out = jax.lax.map(jax.checkpoint(lambda blk: fn(*blk)), tuple(split(x) for x in args))
     return jax.tree.map(lambda o: o.reshape((nb * block_size,) + o.shape[2:])[:n], out)
+
+
+def _eager_jit(static_argnames=()):
+    """A method compiled once per signature when called outside ``jit``: the geometry
+    is a pytree argument of a module-level ``jax.jit``. Without it an eager call of an
+    online pass (a ``lax.map`` over a fresh closure) compiled a new XLA program every
+    time, and each loaded program keeps memory mappings (see
+    ``tests/test_solution_compiles.py``). Inside a traced function the jitted call is
+    inlined like any nested ``jit``."""
+
+    def deco(method):
+        jitted = jax.jit(method, static_argnames=static_argnames)
+
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            return jitted(self, *args, **kwargs)
+
+        return wrapper
+
+    return deco
 
 
 #: Bytes of one block of logits that `auto_block_size` aims for: measured on the 2-core
@@ -516,6 +537,7 @@ class PointCloud(_GeometryBase):
             return self
         return Geometry(self.cost_matrix)
 
+    @_eager_jit(("axis",))
     def lse(self, f, g, epsilon, axis, shift=None):
         if not self.is_online:
             return super().lse(f, g, epsilon, axis)
@@ -543,6 +565,7 @@ class PointCloud(_GeometryBase):
             return super().plan_operator(f, g, epsilon)
         return PlanOperator(self, f, g, jnp.asarray(epsilon), None)
 
+    @_eager_jit()
     def plan_cost(self, f, g, epsilon):
         if not self.is_online:
             return super().plan_cost(f, g, epsilon)
@@ -553,6 +576,7 @@ class PointCloud(_GeometryBase):
 
         return jnp.sum(_map_blocks(block, self.block_size, (self.x, f)))
 
+    @_eager_jit()
     def primal_terms(self, f, g, epsilon, log_a, log_b):
         if not self.is_online:
             return super().primal_terms(f, g, epsilon, log_a, log_b)
@@ -577,6 +601,7 @@ class PointCloud(_GeometryBase):
         )
         return _combine_stats(mx, total, count)
 
+    @_eager_jit()
     def marginals(self, f, g, epsilon):
         if not self.is_online:
             return super().marginals(f, g, epsilon)
@@ -610,6 +635,7 @@ class PointCloud(_GeometryBase):
 
         return jnp.sum(_map_blocks(block, self.block_size, (self.x, x_cost, f)))
 
+    @_eager_jit()
     def transport(self, g: Array, epsilon: Array, x_new: Array) -> Array:
         """Entropic (barycentric) map of new points, ``T(x) = sum_j w_j(x) y_j``.
 

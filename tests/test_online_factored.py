@@ -104,9 +104,11 @@ def test_auto_block_size():
     geom = otlab.PointCloud(x, y, block_size="auto")
     assert geom.is_online and geom.block_size == 64
     f, g = jnp.zeros(37), jnp.zeros(29)
-    np.testing.assert_allclose(geom.lse(f, g, 0.1, 1), otlab.PointCloud(x, y).lse(f, g, 0.1, 1))
+    np.testing.assert_allclose(
+        geom.lse(f, g, 0.1, 1), otlab.PointCloud(x, y).lse(f, g, 0.1, 1), rtol=1e-5
+    )
     # static under jit and vmap (the resolved size is part of the pytree's static data)
     out = jax.jit(lambda x: otlab.PointCloud(x, y, block_size="auto").lse(f, g, 0.1, 0))(x)
-    np.testing.assert_allclose(out, otlab.PointCloud(x, y).lse(f, g, 0.1, 0), rtol=1e-12)
+    np.testing.assert_allclose(out, otlab.PointCloud(x, y).lse(f, g, 0.1, 0), rtol=1e-5)
     with pytest.raises(ValueError, match="block_size"):
         otlab.PointCloud(x, y, block_size="big")

@@ -27,6 +27,10 @@ from otlab import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# One xdist worker runs this module (``make test`` uses ``--dist loadgroup``): the
+# eight-device subprocess of the module fixture then runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 
 def _env(devices: int) -> dict:
     env = dict(os.environ)

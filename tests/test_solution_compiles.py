@@ -68,3 +68,27 @@ def test_repeated_eager_calls_on_a_batch_do_not_compile():
         for sol in sols[1:]:
             jax.block_until_ready(_values(sol))
     assert not compiles, len(compiles)
+
+
+def test_repeated_eager_online_geometry_passes_do_not_compile():
+    """Eager passes of an online point cloud (a ``lax.map`` over blocks) compile once
+    per signature, with new values each time."""
+    rng = np.random.default_rng(1)
+
+    def calls(geom, f, g):
+        return (geom.lse(f, g, 0.1, 1), geom.lse(f, g, 0.1, 0, shift=jnp.zeros(9)),
+                geom.marginals(f, g, 0.1), geom.plan_cost(f, g, 0.1),
+                geom.transport(g, 0.1, jnp.zeros((3, 2))))
+
+    def one():
+        x = jnp.asarray(rng.normal(size=(7, 2)), jnp.float32)
+        y = jnp.asarray(rng.normal(size=(9, 2)), jnp.float32)
+        f = jnp.asarray(rng.normal(size=7), jnp.float32)
+        g = jnp.asarray(rng.normal(size=9), jnp.float32)
+        return otlab.PointCloud(x, y, block_size=4), f, g
+
+    jax.block_until_ready(calls(*one()))
+    with count_compiles() as compiles:
+        for _ in range(3):
+            jax.block_until_ready(calls(*one()))
+    assert not compiles, len(compiles)

@@ -1,4 +1,4 @@
-"""Large n: n = m = 1e5 (quick: 1e4), d = 3, float32, online (blocks of 256 rows),
+"""Large n: n = m = 1e5 (quick: 1e4), d = 3, float32, online (`block_size="auto"`: 16 rows at 1e5),
 epsilon = 1e-2 x the mean cost, tol 1e-3, from a multiscale start
 (`otlab.initializers.Multiscale`): wall time (compilation included, and the solve
 alone), fine-level iterations and passes over the ``n m`` entries, peak memory of the
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import otlab
 from otlab.initializers import Multiscale
 
-BLOCK = 256
+BLOCK = "auto"  # otlab.geometry.auto_block_size: 16 rows at n = 1e5 (8 MB of logits)
 
 
 def _clouds(n: int):
@@ -43,7 +43,7 @@ def _ott_online(x, y, eps) -> str:
         from ott.problems.linear import linear_problem
         from ott.solvers.linear import sinkhorn
 
-        geom = pointcloud.PointCloud(x[:2048], y[:2048], epsilon=eps, batch_size=BLOCK)
+        geom = pointcloud.PointCloud(x[:2048], y[:2048], epsilon=eps, batch_size=256)
         out = sinkhorn.Sinkhorn(max_iterations=10)(linear_problem.LinearProblem(geom))
         jax.block_until_ready(out.f)
         return "ran (10 iterations at n = 2048)"

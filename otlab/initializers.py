@@ -601,9 +601,9 @@ class Multiscale:
     Example:
         >>> import jax, otlab
         >>> from otlab.initializers import Multiscale
-        >>> x = jax.random.normal(jax.random.key(0), (2000, 2))
-        >>> geom = otlab.PointCloud(x, 0.5 * x + 1.0, block_size=500)
-        >>> start = otlab.sinkhorn(geom, epsilon=0.01, init=Multiscale(sizes=(64, 256)))
+        >>> x = jax.random.normal(jax.random.key(0), (800, 2))
+        >>> geom = otlab.PointCloud(x, 0.5 * x + 1.0, block_size=200)
+        >>> start = otlab.sinkhorn(geom, epsilon=0.01, init=Multiscale(sizes=(32, 128)))
         >>> plain = otlab.sinkhorn(geom, epsilon=0.01)
         >>> bool(start.converged), int(start.n_iter) < int(plain.n_iter)
         (True, True)

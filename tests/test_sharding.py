@@ -9,6 +9,7 @@ once for the module) and, for several processes, examples/multihost_sinkhorn.py 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -44,6 +45,13 @@ def _env(devices: int) -> dict:
 
 @pytest.fixture(scope="module")
 def eight_devices():
+    return _eight_devices()
+
+
+@functools.lru_cache(maxsize=1)
+def _eight_devices():
+    # cached per worker process: pytest re-creates a module fixture when a worker's
+    # tests of this module are interleaved with other modules (measured: twice, 60 s each)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "sharding_check.py"), "equality", "memory"],
         env=_env(8), capture_output=True, text=True, timeout=900,

@@ -556,9 +556,10 @@ def _solve(geom, a, b, gamma, init, *, k, axis, formulation, tol, max_iter, memo
         formulation=formulation, tol=tol, max_iter=max_iter, memory=memory,
     )
     f1, g1 = problem.gauge(f1, g1)
-    dual_value = problem.dual(f1, g1, problem.topk(f1, g1))  # envelope: d/dC = -plan, d/da = f
+    support = problem.topk(f1, g1)  # one top-k pass serves the value and phase 2
+    dual_value = problem.dual(f1, g1, support)  # envelope: d/dC = -plan, d/da = f
     # Phase 2: the support of the dual's plan, fixed; implicit gradients of this problem.
-    restricted = dataclasses.replace(problem, support=problem.topk(f1, g1))
+    restricted = dataclasses.replace(problem, support=support)
     f, g, _ = implicit.solve(
         functools.partial(_refine, tol=tol, max_steps=50), restricted, (f1, g1), implicit_diff
     )

@@ -359,10 +359,11 @@ def _w2_entropic(a, b) -> float:
     return float(jnp.sqrt(sol.cost))
 
 
-def metric_demo(out: pathlib.Path | None, seed: int = 0) -> dict[str, float]:
+def metric_demo(out: pathlib.Path | None, seed: int = 0, epochs: int = 40) -> dict[str, float]:
     """Learn a metric from 3 snapshots of a rotating arc (times 0, 2, 4), predict the
     held-out snapshot at time 1 by geodesic interpolation, compare with McCann's; print
     a two-row table and (``out`` given) draw the metric, geodesics and predictions."""
+    import jax
     import jax.numpy as jnp
 
     from otlab import geodesic, metric
@@ -370,7 +371,7 @@ def metric_demo(out: pathlib.Path | None, seed: int = 0) -> dict[str, float]:
 
     t0 = time.perf_counter()
     snaps, times = synthetic.rotating_arc(num_times=5, n=60, speed=np.pi / 6, seed=seed)
-    res = metric.fit(snaps[::2], times[::2], seed=seed, epochs=40, hidden=(16,), progress=False)
+    res = metric.fit(snaps[::2], times[::2], seed=seed, epochs=epochs, hidden=(16,), progress=False)
     eye = metric.Constant(jnp.eye(2))
     pred = {
         "learned metric (geodesic)": geodesic.interpolate(res.metric, snaps[0], snaps[2], 0.5),
@@ -396,9 +397,10 @@ def metric_demo(out: pathlib.Path | None, seed: int = 0) -> dict[str, float]:
                        label=f"t = {i:g}" + (" (held out)" if i % 2 else ""))  # fmt: skip
         grid = np.concatenate([np.asarray(s)[::6] for s in snaps[::2]])
         plot.plot_metric(res.metric, grid, ax=ax, size=0.18, color="k", linewidths=0.6)
-        for a, b in zip(np.asarray(snaps[0])[:6], np.asarray(snaps[2])[:6], strict=True):
-            path = geodesic.shortest_path(res.metric, jnp.asarray(a), jnp.asarray(b), 16)
-            ax.plot(*np.asarray(path).T, color="k", lw=0.8)
+        paths = jax.jit(jax.vmap(lambda g, a, b: geodesic.shortest_path(g, a, b, 16),
+                                 in_axes=(None, 0, 0)))(res.metric, snaps[0][:6], snaps[2][:6])  # fmt: skip
+        for path in np.asarray(paths):
+            ax.plot(*path.T, color="k", lw=0.8)
         ax.scatter(*np.asarray(pred["learned metric (geodesic)"]).T, s=10, marker="x",
                    color="C1", label="predicted t = 1 (learned)")  # fmt: skip
         ax.legend(fontsize="x-small", loc="lower left")
@@ -419,8 +421,11 @@ def demo(
     seed: int = 0,
     plots: bool = True,
     use_ott: bool = True,
+    quick: bool = False,
 ) -> list[Row]:
-    """Run the demo; print the table; write figures to ``out``. Returns the table rows."""
+    """Run the demo; print the table; write figures to ``out``. Returns the table rows.
+
+    ``quick``: fewer training steps in the routing and metric-learning lines (for tests)."""
     t0 = time.perf_counter()
     opts = dict(tol=tol, max_iter=5000, check_every=10)
     solvers = _otlab_solvers(**opts, block_size=256)
@@ -454,9 +459,9 @@ def demo(
     )
     if plots:
         print(f"\nwrote {len(paths)} figures to {outdir}/: " + ", ".join(q.name for q in paths))
-    print(routing_line())
+    print(routing_line(8 if quick else 20))
     print(scale_line(8 * n))
-    metric_demo(outdir if plots else None, seed)
+    metric_demo(outdir if plots else None, seed, epochs=10 if quick else 40)
     print(f"demo took {time.perf_counter() - t0:.1f} s")
     return rows
 

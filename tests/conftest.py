@@ -80,6 +80,26 @@ def pytest_unconfigure(config):
 
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """``--dist loadgroup``: tag each node id with its ``xdist_group`` on the workers.
+
+    pytest-xdist 3.8 writes the tag to ``item._nodeid``, which pytest 9 no longer reads
+    (the id lives in ``item._id``), so its groups were silently ignored: the eight-device
+    sharding subprocess ran on both workers (2 x 65 s). Done here as xdist means it."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        names = sorted(
+            {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+             for m in item.iter_markers("xdist_group")}
+        )  # fmt: skip
+        if names and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
 # Every compiled XLA CPU program stays loaded while JAX's caches hold it, with some
 # 20-30 memory mappings each; a worker that runs half the suite compiles a few
 # thousand programs and reached the kernel's vm.max_map_count (65530), where XLA

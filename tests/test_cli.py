@@ -13,7 +13,7 @@ from otlab import cli
 
 
 def test_demo_small(tmp_path, capsys):
-    rows = cli.demo(out=str(tmp_path), n=60, use_ott=False)
+    rows = cli.demo(out=str(tmp_path), n=60, use_ott=False, quick=True)
     out = capsys.readouterr().out
     progot = [r for r in rows if r.solver == cli.PROGOT_LABEL]  # balanced problems only
     assert len(progot) == 2 and all(r.status == "SUCCESS" for r in progot)

@@ -327,7 +327,9 @@ def memory_run():
     return lines[-1]
 
 
+# both on one xdist worker (``--dist loadgroup``): the module fixture's subprocess runs once
 @pytest.mark.slow
+@pytest.mark.xdist_group("online_memory")
 def test_online_solve_memory_is_bounded(memory_run):
     r = memory_run
     assert r["finite"] and r["n_iter"] == 2 and r["status"] in (0, 1)
@@ -336,6 +338,7 @@ def test_online_solve_memory_is_bounded(memory_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("online_memory")
 def test_online_gradient_memory_is_bounded(memory_run):
     r = memory_run
     assert r.get("grad_error") is None, r["grad_error"]

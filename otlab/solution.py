@@ -299,8 +299,9 @@ def _primal_value(sol: OTSolution) -> Array:
     return jnp.minimum(cp + eps * kl, cab)
 
 
-@jax.jit
-def _reg_cost(self: OTSolution) -> Array:
+def _use_primal(self: OTSolution) -> Array:
+    """Whether `OTSolution.reg_cost` takes the primal form (where the dual's rounding
+    would dominate its error; balanced problems only)."""
     eps, a, b = self.epsilon, self.a, self.b
     log_a, log_b = _dual.safe_log(a), _dual.safe_log(b)
     # The dual's rounding ~ eps * ulp * (1 + |log a| + |log b|) * mass, against the
@@ -315,10 +316,20 @@ def _reg_cost(self: OTSolution) -> Array:
     scale = jnp.max(jnp.abs(h)) + ulp
     dual_rounding = eps * ulp * (1.0 + logs)
     primal_error = (self.marginal_error + ulp) * scale / jnp.sum(a)
-    use_primal = (dual_rounding > primal_error) & (_dual.is_balanced(self.tau_a, self.tau_b) > 0)
-    return self._valid(
-        jax.lax.cond(jax.lax.stop_gradient(use_primal), _primal_value, _dual_value, self)
-    )
+    use = (dual_rounding > primal_error) & (_dual.is_balanced(self.tau_a, self.tau_b) > 0)
+    return jax.lax.stop_gradient(use)
+
+
+@jax.jit
+def _reg_cost(self: OTSolution) -> Array:
+    return self._valid(jax.lax.cond(_use_primal(self), _primal_value, _dual_value, self))
+
+
+def reg_cost_with_dual(sol: OTSolution, dual: Array) -> Array:
+    """`OTSolution.reg_cost` given the dual value ``dual`` at ``(sol.f, sol.g)`` (a
+    caller that has it, e.g. by the envelope theorem, saves the dual's pass). Without
+    a ``lax.cond``: under ``vmap`` both forms would be computed anyway."""
+    return sol._valid(jnp.where(_use_primal(sol), _primal_value(sol), dual))
 
 
 def build(

@@ -689,7 +689,22 @@ def test_sinkhorn_divergence(x64):
     for init in ("auto", gaussian):
         np.testing.assert_allclose(otlab.sinkhorn_divergence(x, y, a, b, init=init, **opts), xy,
                                    rtol=1e-7)
-    assert sorted(calls) == sorted([p.shape, (p.shape[0],) * 2, (p.shape[1],) * 2])
+    # sizes this close: the three problems padded to one size (zero weights) and solved
+    # by one traced solve, so the initializer is traced once, at the padded shape
+    size = max(p.shape)
+    assert calls == [(size, size)]
+    # sizes far apart (padding would add more than PAD_OVERHEAD): three traced solves
+    from otlab.solvers import sinkhorn as sk
+
+    k = 4
+    assert 3 * size**2 > sk.PAD_OVERHEAD * (size * k + size**2 + k**2)
+    big, small, wb = (x, y[:k], b[:k] / b[:k].sum()) if len(x) > len(y) else (y, x[:k], a[:k] / a[:k].sum())
+    wbig = a if len(x) > len(y) else b
+    calls.clear()
+    got = otlab.sinkhorn_divergence(big, small, wbig, wb, init=gaussian, **opts)
+    expected = ot(big, small, wbig, wb) - 0.5 * (ot(big, big, wbig, wbig) + ot(small, small, wb, wb))
+    np.testing.assert_allclose(got, expected, rtol=1e-7)
+    assert sorted(calls) == sorted([(size, k), (size, size), (k, k)])
     with pytest.raises(ValueError, match="each of the three problems"):
         otlab.sinkhorn_divergence(x, y, a, b, init=(jnp.zeros(len(a)), jnp.zeros(len(b))))
 

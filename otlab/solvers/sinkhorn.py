@@ -89,15 +89,43 @@ def _half_step(w, pot, log_marg, eps, tau):
     return eps * _dual.safe_log(w) - tau * (eps * log_marg - pot)
 
 
+def _symmetrize(sym, f, g):
+    """``(f, g) -> ((f + g) / 2,) * 2`` where ``sym`` (a traced bool), else unchanged."""
+    m = 0.5 * (f + g)
+    return jnp.where(sym, m, f), jnp.where(sym, m, g)
+
+
 class _LogEngine:
+    """Alternating log-domain Sinkhorn; with ``sym`` (a traced bool, or the static
+    ``False``) the symmetric update of self problems ``OT(a, a)`` on a symmetric
+    cost (the debiasing terms of `sinkhorn_divergence`).
+
+    Symmetric update: with ``g = f``, one iteration is ``h = T(f)``,
+    ``f <- (h + T(h)) / 2``, ``T`` the log-domain half-step (the c-transform): an
+    alternating iteration followed by averaging its two potentials, so two
+    log-sum-exp passes as before. Linearised at the solution, ``T`` is ``-P~``
+    (``P~`` the row-normalised plan, its eigenvalues ``lambda`` in ``[0, 1]`` for a
+    positive-definite kernel such as the squared Euclidean one), so the error
+    contracts by ``(lambda^2 - lambda) / 2``: at most 1/8 per iteration, exact at
+    ``lambda = 0`` (huge epsilon) and at ``lambda = 1`` (the constant gauge and the
+    nearly-diagonal plans of points far apart on the scale of epsilon). Alternating
+    Sinkhorn contracts by ``lambda^2``, near 1 there: measured 2000 iterations
+    stalling at a marginal error of 7e-7 on 7 points where this needs a handful; the
+    plain average ``(f + T(f)) / 2`` of Feydy et al. (2019) contracts by
+    ``(1 - lambda) / 2``, 1/2 at huge epsilon, where the primal form of ``reg_cost``
+    needs the marginals to rounding."""
+
     @staticmethod
-    def init(p: _dual.Problem, geom, f, g, eps, log_row=None):
+    def init(p: _dual.Problem, geom, f, g, eps, log_row=None, sym=False):
         """``log_row``: ``geom.lse(f, g, eps, 1)`` if the caller has it (saves a pass)."""
+        if sym is not False:  # a symmetric start; a given log_row (old pair) is not reused
+            f, g = _symmetrize(sym, f, g)
+            log_row = None
         log_row = geom.lse(f, g, eps, 1) if log_row is None else log_row
         return _LogState(f, g, log_row, geom.lse(f, g, eps, 0), eps)
 
     @staticmethod
-    def step(p: _dual.Problem, geom, s: _LogState) -> _LogState:
+    def step(p: _dual.Problem, geom, s: _LogState, sym=False) -> _LogState:
         eps = s.eps
         f = _half_step(p.a, s.f, s.log_row, eps, p.tau_a)
         # shifts (online factored costs skip a max pass): the last column sums, and the
@@ -105,7 +133,11 @@ class _LogEngine:
         log_col = geom.lse(f, s.g, eps, 0, shift=s.log_col)
         g = _half_step(p.b, s.g, log_col, eps, p.tau_b)
         log_col = log_col + (g - s.g) / eps
+        if sym is not False:
+            f, g = _symmetrize(sym, f, g)
         log_row = geom.lse(f, g, eps, 1, shift=s.log_row + (f - s.f) / eps)
+        if sym is not False:  # a symmetric cost at g = f: the columns are the rows
+            log_col = jnp.where(sym, log_row, log_col)
         return _LogState(f, g, log_row, log_col, eps)
 
     @staticmethod
@@ -117,43 +149,8 @@ class _LogEngine:
         return jnp.exp(s.log_row), jnp.exp(s.log_col)
 
     @staticmethod
-    def maybe_absorb(p, geom, s):
+    def maybe_absorb(p, geom, s, sym=False):
         return s
-
-
-class _SymmetricEngine:
-    """Self problems ``OT(a, a)`` on a symmetric cost (the debiasing terms of
-    `sinkhorn_divergence`), with ``g = f``: one iteration is ``h = T(f)``,
-    ``f <- (h + T(h)) / 2``, ``T`` the log-domain half-step (the c-transform), two
-    log-sum-exp passes like an alternating iteration.
-
-    Linearised at the solution, ``T`` is ``-P~`` (``P~`` the row-normalised plan, its
-    eigenvalues ``lambda`` in ``[0, 1]`` for a positive-definite kernel such as the
-    squared Euclidean one), so the error contracts by ``(lambda^2 - lambda) / 2``:
-    at most 1/8 per iteration, exact at ``lambda = 0`` (huge epsilon) and at
-    ``lambda = 1`` (the constant gauge and the nearly-diagonal plans of points far
-    apart on the scale of epsilon). Alternating Sinkhorn contracts by ``lambda^2``,
-    near 1 there: measured 2000 iterations stalling at a marginal error of 7e-7 on 7
-    points where this needs a handful; the plain average ``(f + T(f)) / 2`` of Feydy
-    et al. (2019) contracts by ``(1 - lambda) / 2``, 1/2 at huge epsilon, where the
-    primal form of ``reg_cost`` needs the marginals to rounding."""
-
-    @staticmethod
-    def init(p: _dual.Problem, geom, f, g, eps, log_row=None):
-        f = 0.5 * (f + g)  # a symmetric start; log_row (at the old pair) is not reused
-        log_row = geom.lse(f, f, eps, 1)
-        return _LogState(f, f, log_row, log_row, eps)
-
-    @staticmethod
-    def step(p: _dual.Problem, geom, s: _LogState) -> _LogState:
-        h = _half_step(p.a, s.f, s.log_row, s.eps, p.tau_a)
-        f = 0.5 * (h + _half_step(p.a, h, geom.lse(h, h, s.eps, 1), s.eps, p.tau_a))
-        log_row = geom.lse(f, f, s.eps, 1)
-        return _LogState(f, f, log_row, log_row, s.eps)
-
-    potentials = _LogEngine.potentials
-    marginals = _LogEngine.marginals
-    maybe_absorb = _LogEngine.maybe_absorb
 
 
 def _log_bound(dtype) -> float:
@@ -172,24 +169,30 @@ class _KernelEngine:
         return _KernelState(f, g, zf, zg, kv, ku, op, eps, jnp.asarray(False))
 
     @staticmethod
-    def absorb(p: _dual.Problem, geom, f, g, eps, log_row=None) -> _KernelState:
+    def absorb(p: _dual.Problem, geom, f, g, eps, log_row=None, sym=False) -> _KernelState:
         """Safe absorption: one log-domain iteration first (rows, then columns, carry
         mass, so no row or column of ``K~`` underflows), then the kernel."""
-        f, g = _KernelEngine._log_iteration(p, geom, f, g, eps, log_row)
+        f, g = _KernelEngine._log_iteration(p, geom, f, g, eps, log_row, sym)
         return _KernelEngine._build(p, geom, f, g, eps)
 
     @staticmethod
-    def _log_iteration(p: _dual.Problem, geom, f, g, eps, log_row=None):
+    def _log_iteration(p: _dual.Problem, geom, f, g, eps, log_row=None, sym=False):
+        """One log-domain iteration; with ``sym``, the symmetric one (`_LogEngine`),
+        which keeps ``f~ = g~``: the kernel of a self problem stays symmetric."""
         log_row = geom.lse(f, g, eps, 1) if log_row is None else log_row
         f = _half_step(p.a, f, log_row, eps, p.tau_a)
-        return f, _half_step(p.b, g, geom.lse(f, g, eps, 0), eps, p.tau_b)
+        g = _half_step(p.b, g, geom.lse(f, g, eps, 0), eps, p.tau_b)
+        return (f, g) if sym is False else _symmetrize(sym, f, g)
 
     @staticmethod
-    def init(p: _dual.Problem, geom, f, g, eps, log_row=None) -> _KernelState:
+    def init(p: _dual.Problem, geom, f, g, eps, log_row=None, sym=False) -> _KernelState:
         """The state at ``(f, g)``. With ``log_row`` (a caller's row log-sum-exp), the
         safe absorption now; without, a placeholder marked stale, whose kernel the loop's
         first `maybe_absorb` builds by the same safe absorption (one traced copy of it
         instead of two: fewer kernels to compile)."""
+        if sym is not False:  # a symmetric start; a given log_row (old pair) is not reused
+            f, g = _symmetrize(sym, f, g)
+            log_row = None
         if log_row is not None:
             return _KernelEngine.absorb(p, geom, f, g, eps, log_row)
         matrix = None if geom.is_online else jnp.zeros(geom.shape, f.dtype)
@@ -216,11 +219,17 @@ class _KernelEngine:
         )
 
     @staticmethod
-    def step(p: _dual.Problem, geom, s: _KernelState) -> _KernelState:
+    def step(p: _dual.Problem, geom, s: _KernelState, sym=False) -> _KernelState:
         log_u = _KernelEngine._scaling(p.a, s.kv, s.f_abs, s.eps, p.tau_a)
         ku = s.op.rmatvec(jnp.exp(log_u))
         log_v = _KernelEngine._scaling(p.b, ku, s.g_abs, s.eps, p.tau_b)
+        if sym is not False:
+            # a self problem keeps f~ = g~ (`_log_iteration`): averaging the potentials
+            # averages the scalings, and the symmetric kernel's columns are its rows
+            log_u, log_v = _symmetrize(sym, log_u, log_v)
         kv = s.op.matvec(jnp.exp(log_v))
+        if sym is not False:
+            ku = jnp.where(sym, kv, ku)
         # A scaling about to leave the safe range freezes the block (cheap vector
         # selects); the kernel is rebuilt before the next block.
         ok = ~s.stale & ~_KernelEngine._too_large(p, log_u, log_v, _log_bound(s.kv.dtype))
@@ -238,7 +247,7 @@ class _KernelEngine:
         return jnp.exp(s.log_u) * s.kv, jnp.exp(s.log_v) * s.ku
 
     @staticmethod
-    def maybe_absorb(p, geom, s: _KernelState):
+    def maybe_absorb(p, geom, s: _KernelState, sym=False):
         """Rebuild the kernel when the scalings grew past 3/4 of the bound (one pass
         of exponentials), or safely after a frozen block (three passes)."""
         grown = _KernelEngine._too_large(p, s.log_u, s.log_v, 0.75 * _log_bound(s.kv.dtype))
@@ -248,7 +257,7 @@ class _KernelEngine:
             # (a nested cond: one traced copy of the kernel build serves both cases).
             f, g = _KernelEngine.potentials(s)
             f, g = jax.lax.cond(
-                s.stale, lambda f, g: _KernelEngine._log_iteration(p, geom, f, g, s.eps),
+                s.stale, lambda f, g: _KernelEngine._log_iteration(p, geom, f, g, s.eps, None, sym),
                 lambda f, g: (f, g), f, g,
             )  # fmt: skip
             return _KernelEngine._build(p, geom, f, g, s.eps)
@@ -326,8 +335,13 @@ def _forward(
     unroll: bool,
     translate: bool = False,
     stall: bool = False,
+    symmetric: Any = False,
 ):
     """Run Sinkhorn from ``init = (f0, g0, epsilon_init)``; returns ``(f, g, aux)``.
+
+    ``symmetric``: a traced bool (or the static ``False``): the problem is a self
+    problem ``OT(a, a)`` on a symmetric cost, solved by the symmetric update (see
+    `_LogEngine`) with ``g = f`` throughout.
 
     ``stall`` (static, for `otlab.sns`'s warm-up): also stop after a block (other than
     the first) when the linear rate of that block (its error over the previous one)
@@ -341,7 +355,8 @@ def _forward(
     slowed zeros on some problems)."""
     f0, g0, epsilon_init = init
     geom = problem.geom.materialize()
-    engine = {"kernel": _KernelEngine, "log": _LogEngine, "symmetric": _SymmetricEngine}[mode]
+    engine = {"kernel": _KernelEngine, "log": _LogEngine}[mode]
+    sym = symmetric
     # Exactly max_iter iterations at most: blocks of check_every, then a shorter one.
     check_every = min(check_every, max_iter)
     n_full, rem = divmod(max_iter, check_every)
@@ -358,7 +373,7 @@ def _forward(
     def new_epsilon(s, eps):
         # The level of unbalanced potentials depends on epsilon: re-translate.
         f, g, log_row = _unbalanced_start(problem, geom, *engine.potentials(s), eps, check=False)
-        return engine.init(problem, geom, f, g, eps, log_row)
+        return engine.init(problem, geom, f, g, eps, log_row, sym)
 
     def check(s, eps):
         """``(err, finite, converged)`` at state ``s``: O(n + m), from its marginals."""
@@ -403,13 +418,13 @@ def _forward(
         s = loop.state
         if epsilon_init is not None:  # static: annealing on or off
             s = jax.lax.cond(eps != s.eps, lambda s: new_epsilon(s, eps), lambda s: s, s)
-        s = engine.maybe_absorb(problem, geom, s)
+        s = engine.maybe_absorb(problem, geom, s, sym)
         if unroll:
             ran = length
-            s, _ = jax.lax.scan(lambda s, _: (engine.step(problem, geom, s), None), s, length=ran)
+            s, _ = jax.lax.scan(lambda s, _: (engine.step(problem, geom, s, sym), None), s, length=ran)
         else:
             ran = jnp.where(loop.iters < check_every, 1, length)
-            s = jax.lax.fori_loop(0, ran, lambda _, s: engine.step(problem, geom, s), s)
+            s = jax.lax.fori_loop(0, ran, lambda _, s: engine.step(problem, geom, s, sym), s)
         err, finite, converged = check(s, eps)
         s, err, converged = verify(s, eps, err, converged)
         status = jnp.where(
@@ -435,7 +450,7 @@ def _forward(
     log_row = None
     if translate:
         f0, g0, log_row = _unbalanced_start(problem, geom, f0, g0, eps0, check=True)
-    state = engine.init(problem, geom, f0, g0, eps0, log_row)
+    state = engine.init(problem, geom, f0, g0, eps0, log_row, sym)
     loop = _Loop(
         state,
         jnp.asarray(0),
@@ -532,7 +547,8 @@ def _sinkhorn(
 ):
     translate = init_fn is not None or init_pair is not None
     epsilon, init_pair = _traced_defaults(geom, a, b, epsilon, init_fn, init_pair)
-    if mode == "auto":
+    symmetric = mode == "symmetric"  # private: a self problem (see `_LogEngine`)
+    if mode in ("auto", "symmetric"):
         mode = "log" if geom.is_online else "kernel"
     unroll = implicit_diff is None
     if unroll:
@@ -547,6 +563,7 @@ def _sinkhorn(
         epsilon_decay=epsilon_decay,
         unroll=unroll,
         translate=translate,
+        symmetric=symmetric,
     )
     return _solve(forward, problem, (*init_pair, epsilon_init), implicit_diff, tol)
 
@@ -627,17 +644,22 @@ def sinkhorn(
     )
 
 
+def _check_loop_options(tol, max_iter, check_every):
+    _checks.positive_int(max_iter, "max_iter")
+    _checks.positive_int(check_every, "check_every")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"`tol` must be a positive float; got {tol!r}.")
+
+
 def _checked_sinkhorn(
     geom, a, b, *, epsilon, tau_a, tau_b, tol, max_iter, check_every, init, epsilon_init,
     epsilon_decay, mode, implicit_diff,
 ) -> OTSolution:
     """`sinkhorn` after its ``mode`` check: also the private ``mode="symmetric"`` of
-    self problems (`_SymmetricEngine`, for `sinkhorn_divergence`)."""
+    self problems on a symmetric cost (the symmetric update of `_LogEngine`, in the
+    engine ``"auto"`` picks)."""
     geom, a, b, epsilon, tau_a, tau_b = _checks.problem(geom, a, b, epsilon, tau_a, tau_b)
-    _checks.positive_int(max_iter, "max_iter")
-    _checks.positive_int(check_every, "check_every")
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"`tol` must be a positive float; got {tol!r}.")
+    _check_loop_options(tol, max_iter, check_every)
     if not 0.0 < epsilon_decay < 1.0:
         raise ValueError(f"`epsilon_decay` must be in (0, 1); got {epsilon_decay!r}.")
     if epsilon_init is not None:
@@ -662,19 +684,6 @@ def _checked_sinkhorn(
         mode=mode,
         implicit_diff=implicit_diff,
     )
-
-
-def _envelope_reg_cost(sol: OTSolution) -> Array:
-    """``sol.reg_cost`` (its value: dual or primal form, NaN for a failed solve)
-    differentiated by the envelope theorem (`otlab._dual.reg_cost`): no backward linear
-    solve is compiled or run (as ott-jax's divergence, ``use_danskin``)."""
-    env = _dual.reg_cost(sol.f, sol.g, (sol.geom, sol.a, sol.b, sol.epsilon, sol.tau_a, sol.tau_b))
-    # The value is sol.reg_cost's exactly; the added term is zero in value and carries
-    # the envelope derivative. (``env + stop_gradient(reg_cost - env)`` would round:
-    # at eps = 1e10 the dual form's cancellation error is ~eps * ulp, and it swamped
-    # the value; a non-finite dual value contributes no derivative, never a NaN.)
-    derivative = jnp.where(jnp.isfinite(env), env - jax.lax.stop_gradient(env), 0.0)
-    return jax.lax.stop_gradient(sol.reg_cost) + derivative
 
 
 def sinkhorn_divergence(
@@ -749,35 +758,112 @@ def sinkhorn_divergence(
         >>> bool(jnp.isnan(d)), otlab.Status.name(status)
         (True, 'MAX_ITER')
     """
-    from otlab.geometry import PointCloud
-
     if init is not None and not isinstance(init, str) and not callable(init):
         raise ValueError(
             "`init` of sinkhorn_divergence must be None, 'auto' or an initializer function "
             "(it is applied to each of the three problems); got a precomputed pair or "
             f"{type(init).__name__}."
         )
+    _checks.choice(mode, "mode", ("auto", "kernel", "log"))
+    from otlab.geometry import PointCloud
 
     gxy = PointCloud(x, y, cost, block_size)
+    gxy, a, b, epsilon, _, _ = _checks.problem(gxy, a, b, epsilon, 1.0, 1.0)
+    _check_loop_options(tol, max_iter, check_every)
+    init_fn, _ = _checks.split_init(init, gxy, a, b, epsilon)
+    return _divergence(
+        gxy, a, b, epsilon, init_fn=init_fn, tol=float(tol), max_iter=int(max_iter),
+        check_every=int(check_every), mode=mode, with_status=with_status,
+    )  # fmt: skip
+
+
+def _pad_rows(z: Array, size: int) -> Array:
+    """``z`` with rows appended up to ``size`` (copies of its first row: points that a
+    zero weight makes inert, at a cost on the data's scale)."""
+    extra = size - z.shape[0]
+    if extra == 0:
+        return z
+    return jnp.concatenate([z, jnp.broadcast_to(z[:1], (extra,) + z.shape[1:])])
+
+
+#: `sinkhorn_divergence` solves its three problems with one compiled solve (padded to a
+#: common size) when the padding adds at most this factor to the entries of a pass.
+PAD_OVERHEAD = 1.5
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("init_fn", "tol", "max_iter", "check_every", "mode", "with_status"),
+)
+def _divergence(gxy, a, b, epsilon, *, init_fn, tol, max_iter, check_every, mode, with_status):
+    """The three problems ``(x, y)``, ``(x, x)``, ``(y, y)``, their values differentiated
+    by the envelope theorem, debiased.
+
+    Compile time: when the clouds' sizes are close (padding them to a common size adds
+    at most `PAD_OVERHEAD` to the work of a pass), the three problems are stacked, the
+    shorter cloud padded with zero-weight points (exact: zero weights change neither
+    values nor gradients), and solved by one ``lax.map`` over a single traced solve
+    (whose self problems take the symmetric update by a traced flag): XLA compiles one
+    solver loop instead of three. Otherwise three solves are traced.
+    """
+    import dataclasses
+
     if epsilon is None:
         epsilon = gxy.default_epsilon()
-    opts = dict(
-        epsilon=epsilon, tol=tol, max_iter=max_iter, check_every=check_every, mode=mode, init=init
-    )
-    s_xy = sinkhorn(gxy, a, b, **opts)
-    # the self problems by the symmetric engine (`_SymmetricEngine`), for a symmetric cost
-    self_opts = dict(
-        opts, tau_a=1.0, tau_b=1.0, epsilon_init=None, epsilon_decay=0.9, implicit_diff=implicit.DEFAULT,
-        mode="symmetric" if getattr(gxy.cost, "symmetric", False) else mode,
-    )
-    s_xx = _checked_sinkhorn(PointCloud(x, x, cost, block_size), a, a, **self_opts)
-    s_yy = _checked_sinkhorn(PointCloud(y, y, cost, block_size), b, b, **self_opts)
-    return _divergence(s_xy, s_xx, s_yy, with_status)
+    x, y = gxy.x, gxy.y
+    (n, m), size = gxy.shape, max(gxy.shape)
+    symmetric_cost = bool(getattr(gxy.cost, "symmetric", False))
+    if mode == "auto":
+        mode = "log" if gxy.is_online else "kernel"
+    one = jnp.ones((), a.dtype)
 
+    def solve(x, y, a, b, sym):
+        """One problem, solved on constants (no gradient enters the solver)."""
+        geom = jax.lax.stop_gradient(dataclasses.replace(gxy, x=x, y=y))
+        a, b, eps = jax.lax.stop_gradient((a, b, epsilon))
+        f0, g0 = _traced_defaults(geom, a, b, eps, init_fn, None)[1]
+        problem = _dual.Problem(geom, a, b, eps, one, one)
+        forward = functools.partial(
+            _forward, mode=mode, tol=tol, max_iter=max_iter, check_every=check_every,
+            epsilon_decay=0.9, unroll=False, translate=init_fn is not None, symmetric=sym,
+        )  # fmt: skip
+        # (the canonical gauge, and no implicit backward: the inputs are constants)
+        f, g, (status, n_iter, _, errors) = implicit.solve(forward, problem, (f0, g0, None), None)
+        status = _runtime_status(status, f, g, a, b, eps, one, one)
+        return solution.build(problem, f, g, status, n_iter, errors, tol)
 
-def _divergence(s_xy: OTSolution, s_xx: OTSolution, s_yy: OTSolution, with_status: bool):
-    """The debiased value of three solutions: NaN unless all converged, clipped at 0."""
-    status = jnp.maximum(jnp.maximum(s_xy.status, s_xx.status), s_yy.status)
-    value = _envelope_reg_cost(s_xy) - 0.5 * (_envelope_reg_cost(s_xx) + _envelope_reg_cost(s_yy))
-    value = jnp.where(status == Status.SUCCESS, jnp.maximum(value, 0.0), jnp.nan)
-    return (value, status) if with_status else value
+    def value(sol: OTSolution, x, y, a, b) -> Array:
+        """``sol.reg_cost`` (NaN unless the solve converged), differentiated by the
+        envelope theorem (`otlab._dual.reg_cost` at the live inputs): no backward linear
+        solve is compiled or run (as ott-jax's divergence, ``use_danskin``)."""
+        theta = (dataclasses.replace(gxy, x=x, y=y), a, b, epsilon, one, one)
+        env = _dual.reg_cost(sol.f, sol.g, theta)
+        dual = jax.lax.stop_gradient(env)
+        # The value is sol.reg_cost's exactly (the dual's pass shared); the added term
+        # is zero in value and carries the envelope derivative. (``env +
+        # stop_gradient(reg_cost - env)`` would round: at eps = 1e10 the dual form's
+        # cancellation error is ~eps * ulp and swamped the value; a non-finite dual
+        # value contributes no derivative, never a NaN.)
+        derivative = jnp.where(jnp.isfinite(env), env - dual, 0.0)
+        return solution.reg_cost_with_dual(sol, dual) + derivative
+
+    if 3 * size * size <= PAD_OVERHEAD * (n * m + n * n + m * m):
+        xp, yp = _pad_rows(x, size), _pad_rows(y, size)
+        ap, bp = jnp.pad(a, (0, size - n)), jnp.pad(b, (0, size - m))
+        stack = lambda *z: jnp.stack(z)  # noqa: E731
+        args = (stack(xp, xp, yp), stack(yp, xp, yp), stack(ap, ap, bp), stack(bp, ap, bp))
+        flags = jnp.asarray([False, True, True])
+        sols = jax.lax.map(lambda z: solve(*z[:4], sym=z[4] if symmetric_cost else False),
+                           (*args, flags))  # fmt: skip
+        values = jax.vmap(value)(sols, *args)
+        status = sols.status
+    else:
+        sym = symmetric_cost
+        problems = [(x, y, a, b, False), (x, x, a, a, sym), (y, y, b, b, sym)]
+        sols = [solve(*z) for z in problems]
+        values = jnp.stack([value(s, *z[:4]) for s, z in zip(sols, problems, strict=True)])
+        status = jnp.stack([s.status for s in sols])
+    status = jnp.max(status)
+    div = values[0] - 0.5 * (values[1] + values[2])
+    div = jnp.where(status == Status.SUCCESS, jnp.maximum(div, 0.0), jnp.nan)
+    return (div, status) if with_status else div

@@ -10,7 +10,7 @@ whose minimisers have constant speed, so that ``E = L^2`` for the length
 the interior points with L-BFGS (``optax.lbfgs`` with its zoom line search),
 starting from the straight line and preconditioned by a scaled sine basis (the
 eigenbasis of the discrete Laplacian that dominates the Hessian), and differentiates the minimiser by the implicit
-function theorem (``jax.lax.custom_root`` on ``grad E = 0``, a conjugate-gradient
+function theorem (a ``jax.custom_vjp`` on ``grad E = 0``, a conjugate-gradient
 solve with the Hessian), so gradients with respect to the endpoints and the
 metric's parameters never unroll the optimiser.
 
@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -83,30 +84,43 @@ def length(metric: MetricLike, path: Array) -> Array:
 
 def _lbfgs_minimise(objective, z0: Array, max_steps: int, tol: float) -> Array:
     """Minimise ``objective`` from ``z0`` with optax's L-BFGS; stop when the gradient
-    norm is ``<= tol`` times the initial one or at rounding level (``100 eps E(z0)``),
-    or after ``max_steps``."""
-    opt = optax.lbfgs()
+    norm is ``<= tol`` times the initial one, when a step no longer lowers the value
+    by more than its rounding (``eps |E|``), or after ``max_steps``.
+
+    The zoom line search keeps the value and gradient at the point it accepts; the
+    next step and the stopping test reuse them, so a step that accepts L-BFGS's unit
+    step (nearly all of them in the sine basis) costs one value-and-gradient.
+    """
+    linesearch = optax.scale_by_zoom_linesearch(_LINESEARCH_STEPS, initial_guess_strategy="one")
+    opt = optax.lbfgs(linesearch=linesearch)
     value_and_grad = optax.value_and_grad_from_state(objective)
+    eps = jnp.finfo(z0.dtype).eps
 
-    # A floor at rounding level of the energy: where the start is already optimal (a
-    # constant metric), its gradient is rounding noise and a relative test never passes.
-    floor = 100.0 * jnp.finfo(z0.dtype).eps * jnp.abs(objective(z0))
-
+    # The stall test matters where the start is already optimal (a constant metric): its
+    # gradient is rounding noise, which a relative test on the gradient never passes,
+    # and under vmap one such pair would hold the whole batch to max_steps.
     def cond(carry):
-        k, _, _, gnorm, gnorm0 = carry
-        return (k < max_steps) & (gnorm > jnp.maximum(tol * gnorm0, floor)) & jnp.isfinite(gnorm)
+        k, _, _, gnorm, gnorm0, value, previous = carry
+        moving = (k == 0) | (previous - value > eps * jnp.abs(previous))
+        return (k < max_steps) & (gnorm > tol * gnorm0) & jnp.isfinite(gnorm) & moving
 
     def body(carry):
-        k, z, state, _, gnorm0 = carry
-        value, grad = value_and_grad(z, state=state)
+        k, z, state, _, gnorm0, value, _ = carry
+        _, grad = value_and_grad(z, state=state)
         updates, state = opt.update(grad, state, z, value=value, grad=grad, value_fn=objective)
         z = optax.apply_updates(z, updates)
-        gnorm = jnp.linalg.norm(jax.grad(objective)(z))
-        return k + 1, z, state, gnorm, gnorm0
+        gnorm = optax.tree_utils.tree_norm(optax.tree_utils.tree_get(state, "grad"))
+        return k + 1, z, state, gnorm, gnorm0, optax.tree_utils.tree_get(state, "value"), value
 
-    g0 = jnp.linalg.norm(jax.grad(objective)(z0))
-    init = (jnp.asarray(0), z0, opt.init(z0), g0, g0)
+    value0, grad0 = jax.value_and_grad(objective)(z0)
+    g0 = jnp.linalg.norm(grad0)
+    init = (jnp.asarray(0), z0, opt.init(z0), g0, g0, value0, value0)
     return jax.lax.while_loop(cond, body, init)[1]
+
+
+#: Cap on the zoom line search's evaluations per L-BFGS step (optax's default is 20).
+#: Under ``vmap`` every step waits for the slowest pair's line search.
+_LINESEARCH_STEPS = 8
 
 
 def _default_tol(dtype) -> float:
@@ -125,7 +139,9 @@ def shortest_path(
     """The discrete geodesic from ``x0`` to ``x1``: ``num_points`` points, endpoints included.
 
     Pure and vmappable: ``jax.vmap(lambda a, b: shortest_path(g, a, b))(X0, X1)``
-    computes a batch. Differentiable in ``x0``, ``x1`` and the metric's leaves by
+    computes a batch. A module-level ``jax.jit``: eager calls with the same shapes
+    and options compile once (a metric whose leaves are arrays is traced; a plain
+    function metric is static). Differentiable in ``x0``, ``x1`` and the metric's leaves by
     implicit differentiation of the optimality condition.
 
     Args:
@@ -135,9 +151,8 @@ def shortest_path(
         num_points: static, ``K >= 3``: points of the discrete path.
         max_steps: static cap on L-BFGS iterations.
         tol: static. Stop when the energy's gradient norm falls below ``tol`` times
-            its value at the straight line (or below ``100 eps`` times the energy);
-            default ``1e-5`` (float32) / ``1e-9``
-            (float64).
+            its value at the straight line, or when a step lowers the energy by no
+            more than rounding; default ``1e-5`` (float32) / ``1e-9`` (float64).
 
     Returns:
         Array: the ``(num_points, d)`` path.
@@ -168,9 +183,45 @@ def shortest_path(
     dtype = jnp.result_type(x0, x1, float)
     x0, x1 = x0.astype(dtype), x1.astype(dtype)
     tol = _default_tol(dtype) if tol is None else float(tol)
-    w = _coefficients(metric, x0, x1, int(num_points), int(max_steps), tol)
+    return _call(_shortest_path, metric, x0, x1, num_points=int(num_points), max_steps=int(max_steps), tol=tol)
+
+
+@functools.partial(jax.jit, static_argnames=("num_points", "max_steps", "tol"))
+def _shortest_path(metric, x0, x1, *, num_points, max_steps, tol):
+    """The jitted core of `shortest_path` (compiled once per metric structure, shapes
+    and static options; eager calls reuse it)."""
+    w = _coefficients(metric, x0, x1, num_points, max_steps, tol)
     line, basis = _line_and_basis(x0, x1, num_points)
     return jnp.concatenate([x0[None], line + basis @ w, x1[None]])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _StaticMetric:
+    """A metric that is not a pytree of arrays (a plain function ``x -> G(x)``), held
+    as static data: a jitted core compiles once per such object, not per call."""
+
+    fn: Callable = dataclasses.field(metadata=dict(static=True))
+
+    def __call__(self, x):
+        return self.fn(x)
+
+
+def _is_array_leaf(v) -> bool:
+    return isinstance(v, (jax.Array, np.ndarray, np.generic, int, float, complex))
+
+
+def _call(core, metric, *args, **static):
+    """``core(metric, *args, **static)`` with the metric as a traced pytree argument, or,
+    when its leaves are not arrays (a plain callable), as static data; a metric that
+    cannot be hashed either runs the core unjitted (traced anew on every call)."""
+    if all(_is_array_leaf(v) for v in jax.tree.leaves(metric)):
+        return core(metric, *args, **static)
+    try:
+        hash(metric)
+    except TypeError:
+        return core.__wrapped__(metric, *args, **static)
+    return core(_StaticMetric(metric), *args, **static)
 
 
 def _line_and_basis(x0: Array, x1: Array, num_points: int) -> tuple[Array, Array]:
@@ -322,8 +373,8 @@ def interpolate(
     dtype = jnp.result_type(x, y, float)
     x, y = x.astype(dtype), y.astype(dtype)
     t = jnp.asarray(t, dtype)
-    out = _interpolate(
-        metric, x, y, jnp.atleast_1d(t), jnp.asarray(epsilon, dtype),
+    out = _call(
+        _interpolate, metric, x, y, jnp.atleast_1d(t), jnp.asarray(epsilon, dtype),
         num_points=int(num_points), max_steps=int(max_steps), cost_method=cost_method,
     )  # fmt: skip
     return out if t.ndim else out[0]

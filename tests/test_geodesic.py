@@ -1,11 +1,15 @@
 """otlab.geodesic: discrete geodesics against closed forms (straight lines under a
 constant metric, circular arcs centred on the boundary in the Poincaré half-plane),
-vmapped over 200 pairs (benchmarks/bench_metric.py times 1000); implicit gradients vs closed forms and finite differences;
-jit == eager, vmap == loop; interpolation and trajectories; bad input."""
+vmapped over 1000 pairs; implicit gradients vs closed forms and finite differences;
+jit == eager, vmap == loop; eager calls compile once; interpolation and trajectories;
+bad input."""
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
+import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -28,10 +32,10 @@ _batch = jax.jit(
 )
 
 
-def test_constant_metric_straight_lines_200_pairs():
+def test_constant_metric_straight_lines_1000_pairs():
     rng = np.random.default_rng(1)
-    x0 = jnp.asarray(rng.normal(size=(200, 2)), jnp.float32)
-    x1 = jnp.asarray(rng.normal(size=(200, 2)), jnp.float32)
+    x0 = jnp.asarray(rng.normal(size=(1000, 2)), jnp.float32)
+    x1 = jnp.asarray(rng.normal(size=(1000, 2)), jnp.float32)
     g = metric.Constant(jnp.array([[2.0, 0.7], [0.7, 1.0]]))
     paths = _batch(g, x0, x1)
     u = jnp.linspace(0.0, 1.0, K)[None, :, None]
@@ -43,12 +47,13 @@ def test_constant_metric_straight_lines_200_pairs():
 
 @pytest.fixture(scope="module")
 def poincare_batch():
-    x0, x1 = _pairs(200)
+    x0, x1 = _pairs(1000)
     x0, x1 = jnp.asarray(x0, jnp.float32), jnp.asarray(x1, jnp.float32)
     return x0, x1, _batch(metric.PoincareHalfPlane(), x0, x1)
 
 
-def test_poincare_circular_arcs_200_pairs(poincare_batch):
+@pytest.mark.xdist_group("poincare_batch")  # the module fixture computed once
+def test_poincare_circular_arcs_1000_pairs(poincare_batch):
     x0, x1, paths = (np.asarray(a, np.float64) for a in poincare_batch)
     # the circle through x0 and x1 centred on the boundary x_2 = 0
     c = (np.sum(x1**2, 1) - np.sum(x0**2, 1)) / (2 * (x1[:, 0] - x0[:, 0]))
@@ -99,12 +104,51 @@ def test_gradients_implicit_vs_closed_form_x64():
         np.testing.assert_allclose(analytic, fd, rtol=1e-4)
 
 
+@pytest.mark.xdist_group("poincare_batch")  # the module fixture computed once
 def test_jit_vmap_equals_eager_loop(poincare_batch):
     x0, x1, batched = poincare_batch
     g = metric.PoincareHalfPlane()
     for i in range(3):
         eager = geodesic.shortest_path(g, x0[i], x1[i], K)
         np.testing.assert_allclose(batched[i], eager, atol=1e-4)
+
+
+@contextlib.contextmanager
+def _count_compiles():
+    events = []
+
+    def listener(name, _secs, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_eager_calls_compile_once():
+    """`shortest_path` is a module-level jit: eager calls with the same shapes, new
+    endpoints and a new metric of the same structure (its arrays are traced) reuse one
+    executable; so does a plain-function metric (held as static data)."""
+    m = jnp.array([[2.0, 0.3], [0.3, 1.0]])
+    metrics = [metric.Constant(m + 0.1 * i) for i in range(4)]
+    x0 = [jnp.array([0.1 * i - 1.0, 1.0 + i]) for i in range(4)]
+    x1 = [jnp.array([1.0, 0.5 + 0.2 * i]) for i in range(4)]
+
+    def plain(x):  # a metric that is a plain function, not a pytree
+        return jnp.broadcast_to(jnp.eye(2) / x[..., -1, None, None] ** 2, x.shape[:-1] + (2, 2))
+
+    for g in (metrics[0], plain):
+        geodesic.shortest_path(g, x0[0], x1[0], 9)  # the one compilation
+    with _count_compiles() as events:
+        for i in range(1, 4):
+            geodesic.shortest_path(metrics[i], x0[i], x1[i], 9)
+            path = geodesic.shortest_path(plain, x0[i], x1[i], 9)
+    assert events == []
+    exact = geodesic.shortest_path(metric.PoincareHalfPlane(), x0[3], x1[3], 9)
+    np.testing.assert_allclose(path, exact, atol=5e-4)  # float32, stopped at rounding level
 
 
 def test_riemannian_cost_matches_mahalanobis_in_every_solver():

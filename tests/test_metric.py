@@ -44,6 +44,13 @@ def test_closed_form_metrics():
     np.testing.assert_allclose(metric.PoincareHalfPlane.distance(jnp.array([0.0, 1.0]), jnp.array([0.0, np.e])), 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="matrix"):
         metric.Constant(jnp.zeros((2, 3)))
+    # a Constant is a jit argument that `.lower` (and tree maps to other leaves) rebuild
+    c = metric.Constant(m)
+    exe = jax.jit(lambda g, x: g(x)).lower(c, x).compile()
+    np.testing.assert_allclose(exe(c, x), c(x))
+    assert jax.eval_shape(lambda g: g, c).matrix.shape == (2, 2)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), c, metric.Constant(2 * m))  # a batch of metrics
+    assert jax.vmap(lambda g: g(x))(stacked).shape == (2, 7, 2, 2)
     with pytest.raises(ValueError, match="fn"):
         metric.FromCallable(3.0)
 
@@ -54,6 +61,7 @@ def _principal_cos(g, pts):
     return float(jnp.mean(jnp.abs(jnp.sum(v * synthetic.tangent(pts), -1))))
 
 
+@pytest.mark.xdist_group("curved")  # the module fixture computed once
 def test_recovers_the_metric_of_a_curved_flow(curved):
     snaps, _, res = curved
     pts = jnp.concatenate([jnp.asarray(s) for s in snaps])
@@ -69,6 +77,7 @@ def _w2(a, b):
     return float(np.sqrt(ot.emd2([], [], ot.dist(a, b))))
 
 
+@pytest.mark.xdist_group("curved")  # the module fixture computed once
 def test_geodesic_interpolation_under_the_true_metric_beats_mccann(curved):
     """The interpolation machinery (coupling with the Riemannian cost, geodesics,
     arc-length fractions) on the curved flow, with the metric that generated it. The
@@ -83,6 +92,7 @@ def test_geodesic_interpolation_under_the_true_metric_beats_mccann(curved):
     assert np.mean(true) < 0.8 * np.mean(mccann), (true, mccann)
 
 
+@pytest.mark.xdist_group("curved")  # the module fixture computed once
 def test_fit_is_deterministic_under_a_seed_and_stops_early(curved):
     snaps, times, _ = curved  # the fixture's shapes and options: no new compilation
     kw = dict(FIT, epochs=3)

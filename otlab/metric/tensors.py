@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["Metric", "Constant", "PoincareHalfPlane", "FromCallable", "MetricField", "Learned"]
 
@@ -66,13 +67,17 @@ class Constant(Metric):
     matrix: Array
 
     def __post_init__(self):
+        # Only a concrete array is checked: JAX rebuilds the pytree with other leaves
+        # (jit's argument descriptions in `.lower`, ShapeDtypeStruct, None, tracers) and
+        # with stacked ``(..., d, d)`` matrices (a batch of metrics to vmap over).
         m = self.matrix
-        if hasattr(m, "shape") and (m.ndim != 2 or m.shape[0] != m.shape[1]):
-            raise ValueError(f"`matrix` must be a square (d, d) array; got shape {m.shape}.")
+        if isinstance(m, (np.ndarray, jax.Array)) and not isinstance(m, jax.core.Tracer):
+            if m.ndim < 2 or m.shape[-1] != m.shape[-2]:
+                raise ValueError(f"`matrix` must be a square (d, d) array; got shape {m.shape}.")
 
     @property
     def dim(self) -> int:
-        return self.matrix.shape[0]
+        return self.matrix.shape[-1]
 
     def __call__(self, x):
         m = 0.5 * (self.matrix + self.matrix.T)

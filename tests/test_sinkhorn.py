@@ -697,7 +697,9 @@ def test_sinkhorn_divergence(x64):
     from otlab.solvers import sinkhorn as sk
 
     k = 4
-    assert 3 * size**2 > sk.PAD_OVERHEAD * (size * k + size**2 + k**2)
+    assert not sk._one_compiled_solve(size, k) and sk._one_compiled_solve(size, size - 1)
+    assert not sk._one_compiled_solve(sk.PAD_MAX_SIZE + 1, sk.PAD_MAX_SIZE)
+    assert sk._one_compiled_solve(sk.PAD_MAX_SIZE + 1, sk.PAD_MAX_SIZE + 1)
     big, small, wb = (x, y[:k], b[:k] / b[:k].sum()) if len(x) > len(y) else (y, x[:k], a[:k] / a[:k].sum())
     wbig = a if len(x) > len(y) else b
     calls.clear()

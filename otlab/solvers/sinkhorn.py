@@ -787,8 +787,19 @@ def _pad_rows(z: Array, size: int) -> Array:
 
 
 #: `sinkhorn_divergence` solves its three problems with one compiled solve (padded to a
-#: common size) when the padding adds at most this factor to the entries of a pass.
+#: common size) when the padding adds at most this factor to the entries of a pass,
+#: and the padded size is at most `PAD_MAX_SIZE` (equal sizes need no padding).
 PAD_OVERHEAD = 1.5
+#: Above this padded size a pass costs more than the compile time that one compiled solve
+#: instead of three saves (about 1 s on a 2-core CPU) over a few dozen calls.
+PAD_MAX_SIZE = 1024
+
+
+def _one_compiled_solve(n: int, m: int) -> bool:
+    """Whether `sinkhorn_divergence` pads its three problems to one size (see `_divergence`)."""
+    size = max(n, m)
+    small_waste = 3 * size * size <= PAD_OVERHEAD * (n * m + n * n + m * m)
+    return n == m or (small_waste and size <= PAD_MAX_SIZE)
 
 
 @functools.partial(
@@ -799,12 +810,14 @@ def _divergence(gxy, a, b, epsilon, *, init_fn, tol, max_iter, check_every, mode
     """The three problems ``(x, y)``, ``(x, x)``, ``(y, y)``, their values differentiated
     by the envelope theorem, debiased.
 
-    Compile time: when the clouds' sizes are close (padding them to a common size adds
-    at most `PAD_OVERHEAD` to the work of a pass), the three problems are stacked, the
-    shorter cloud padded with zero-weight points (exact: zero weights change neither
-    values nor gradients), and solved by one ``lax.map`` over a single traced solve
-    (whose self problems take the symmetric update by a traced flag): XLA compiles one
-    solver loop instead of three. Otherwise three solves are traced.
+    Compile time: when the clouds have equal sizes, or close and small ones (padding to
+    a common size adds at most `PAD_OVERHEAD` to the work of a pass, and that size is at
+    most `PAD_MAX_SIZE`), the three problems are stacked, the shorter cloud padded with
+    zero-weight points (exact: zero weights change neither values nor gradients), and
+    solved by one ``lax.map`` over a single traced solve (whose self problems take the
+    symmetric update by a traced flag): XLA compiles one solver loop instead of three
+    (measured at 300 x 400: 1.6-1.7x ott-jax's compile time instead of 3.0x, for 1.3x the
+    warm time of three separate solves). Otherwise three solves are traced.
     """
     import dataclasses
 
@@ -847,7 +860,7 @@ def _divergence(gxy, a, b, epsilon, *, init_fn, tol, max_iter, check_every, mode
         derivative = jnp.where(jnp.isfinite(env), env - dual, 0.0)
         return solution.reg_cost_with_dual(sol, dual) + derivative
 
-    if 3 * size * size <= PAD_OVERHEAD * (n * m + n * n + m * m):
+    if _one_compiled_solve(n, m):
         xp, yp = _pad_rows(x, size), _pad_rows(y, size)
         ap, bp = jnp.pad(a, (0, size - n)), jnp.pad(b, (0, size - m))
         stack = lambda *z: jnp.stack(z)  # noqa: E731

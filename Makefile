@@ -40,7 +40,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m otlab demo
 
-test: unit notebooks
+# One pytest session for the unit tests and the notebooks (notebooks first: they are
+# the longest items, so the two workers finish together), then the strict docs build.
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup --nbmake notebooks tests
 	$(MAKE) docs
 
 unit: $(STAMP)

@@ -734,6 +734,13 @@ def auto(geom: Geometries, a: Array, b: Array, epsilon: Array) -> tuple[Array, A
         >>> bool(sol.converged)
         True
     """
+    # a module-level jit: eager calls compile once per signature (a ``lax.cond`` on
+    # fresh closures would compile anew on every eager call)
+    return _auto(geom, a, b, epsilon)
+
+
+@jax.jit
+def _auto(geom: Geometries, a: Array, b: Array, epsilon: Array) -> tuple[Array, Array]:
     n, m = geom.shape
     zeros = jnp.zeros((n,), geom.dtype), jnp.zeros((m,), geom.dtype)
     init = _applicable(geom)

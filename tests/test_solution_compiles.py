@@ -92,3 +92,21 @@ def test_repeated_eager_online_geometry_passes_do_not_compile():
         for _ in range(3):
             jax.block_until_ready(calls(*one()))
     assert not compiles, len(compiles)
+
+
+def test_repeated_eager_auto_initializer_does_not_compile():
+    """`otlab.initializers.auto` called eagerly (a ``lax.cond`` inside) compiles once per
+    signature, with new values each time."""
+    rng = np.random.default_rng(2)
+
+    def one():
+        x = jnp.asarray(rng.normal(size=(7, 2)), jnp.float32)
+        y = jnp.asarray(rng.normal(size=(9, 2)), jnp.float32)
+        return otlab.PointCloud(x, y), jnp.full(7, 1 / 7), jnp.full(9, 1 / 9), jnp.float32(0.01)
+
+    jax.block_until_ready(otlab.initializers.auto(*one()))
+    with count_compiles() as compiles:
+        outs = [otlab.initializers.auto(*one()) for _ in range(3)]
+        jax.block_until_ready(outs)
+    assert not compiles, len(compiles)
+    assert float(jnp.abs(outs[0][0] - outs[1][0]).max()) > 0  # new values, not a cache

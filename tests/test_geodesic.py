@@ -169,6 +169,22 @@ def test_riemannian_cost_matches_mahalanobis_in_every_solver():
     np.testing.assert_allclose(ga.matrix + ga.matrix.T, gb.matrix + gb.matrix.T, rtol=1e-3, atol=1e-5)
 
 
+def test_riemannian_trapezoid_cost():
+    """``z^T (G(x) + G(y)) z / 2``: exact for a constant metric, symmetric, the metric at the data only."""
+    m = jnp.array([[2.0, 0.5], [0.5, 1.0]])
+    x = jax.random.normal(jax.random.key(0), (6, 2))
+    y = jax.random.normal(jax.random.key(1), (5, 2)) + 1.0
+    rc = costs.Riemannian(metric.Constant(m), method="trapezoid")
+    np.testing.assert_allclose(rc.all_pairs(x, y), costs.Mahalanobis(m).all_pairs(x, y), rtol=1e-5, atol=1e-5)
+    g = metric.PoincareHalfPlane()
+    x, y = x + jnp.array([0.0, 4.0]), y + jnp.array([0.0, 4.0])  # in the upper half-plane
+    c = costs.Riemannian(g, method="trapezoid")
+    np.testing.assert_allclose(c.all_pairs(x, y), c.all_pairs(y, x).T, rtol=1e-6)
+    z = y[2] - x[3]
+    np.testing.assert_allclose(c(x[3], y[2]), 0.5 * z @ (g(x[3]) + g(y[2])) @ z, rtol=1e-6)
+    np.testing.assert_allclose(c.all_pairs(x, y)[3, 2], c(x[3], y[2]), rtol=1e-6)
+
+
 def test_riemannian_geodesic_cost_poincare():
     g = metric.PoincareHalfPlane()
     c = costs.Riemannian(g, method="geodesic", num_points=K)

@@ -108,6 +108,16 @@ def test_fit_is_deterministic_under_a_seed_and_stops_early(curved):
     assert res.stopped_early and len(res.history) == 3 and res.best_epoch == 0
 
 
+def test_fit_with_the_trapezoid_cost(curved):
+    """``cost_method="trapezoid"`` trains (the loss falls) and differs from Simpson's rule."""
+    snaps, times, _ = curved
+    kw = dict(FIT, epochs=5)
+    trap = metric.fit(snaps[::2], times[::2], cost_method="trapezoid", **kw)
+    simp = metric.fit(snaps[::2], times[::2], **kw)
+    assert np.all(np.isfinite(trap.history)) and trap.history[-1] < trap.history[0]
+    assert not np.allclose(trap.transport, simp.transport)
+
+
 def test_d5_end_to_end_and_jit_vmap_grad():
     snaps, times = synthetic.rotating_arc(num_times=3, n=30, dim=5, seed=2)
     snaps = [snaps[0], snaps[1][:24], snaps[2][:27]]  # different sizes
@@ -141,3 +151,5 @@ def test_bad_input():
         metric.fit([x, x + 1], [0.0])
     with pytest.raises(ValueError, match="epochs"):
         metric.fit([x, x + 1], [0.0, 1.0], epochs=0)
+    with pytest.raises(ValueError, match="cost_method"):
+        metric.fit([x, x + 1], [0.0, 1.0], cost_method="geodesic")

@@ -250,7 +250,9 @@ def fit(
             strongly but is unbounded below away from the data).
         cost_method: the `otlab.costs.Riemannian` approximation used in the
             transport term: ``"simpson"`` (default; the metric at both ends and the
-            middle of each pair's segment) or ``"midpoint"``.
+            middle of each pair's segment), ``"midpoint"`` or ``"trapezoid"`` (the
+            metric at the two ends only; better interpolation on the curved
+            benchmark, weaker direction recovery: see docs/metric.md).
 
     Returns:
         FitResult: ``.metric`` (the trained `Learned` metric) and ``.history``.
@@ -273,8 +275,10 @@ def fit(
         raise ValueError(f"`penalty` must be a non-negative float; got {penalty!r}.")
     if regularizer not in ("inverse_frobenius", "logdet"):
         raise ValueError(f"`regularizer` must be 'inverse_frobenius' or 'logdet'; got {regularizer!r}.")
-    if cost_method not in ("simpson", "midpoint"):
-        raise ValueError(f"`cost_method` must be 'simpson' or 'midpoint'; got {cost_method!r}.")
+    if cost_method not in ("simpson", "midpoint", "trapezoid"):
+        raise ValueError(
+            f"`cost_method` must be 'simpson', 'midpoint' or 'trapezoid'; got {cost_method!r}."
+        )
     dtype = snaps[0].dtype
     d = snaps[0].shape[1]
     cfg = _Config(float(learning_rate), float(epsilon), float(penalty),

@@ -6,13 +6,12 @@ bad input."""
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_solution_compiles import count_compiles
 
 from otlab import costs, geodesic, metric
 
@@ -113,21 +112,6 @@ def test_jit_vmap_equals_eager_loop(poincare_batch):
         np.testing.assert_allclose(batched[i], eager, atol=1e-4)
 
 
-@contextlib.contextmanager
-def _count_compiles():
-    events = []
-
-    def listener(name, _secs, **_):
-        if name == "/jax/core/compile/backend_compile_duration":
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def test_eager_calls_compile_once():
     """`shortest_path` is a module-level jit: eager calls with the same shapes, new
     endpoints and a new metric of the same structure (its arrays are traced) reuse one
@@ -142,7 +126,7 @@ def test_eager_calls_compile_once():
 
     for g in (metrics[0], plain):
         geodesic.shortest_path(g, x0[0], x1[0], 9)  # the one compilation
-    with _count_compiles() as events:
+    with count_compiles() as events:
         for i in range(1, 4):
             geodesic.shortest_path(metrics[i], x0[i], x1[i], 9)
             path = geodesic.shortest_path(plain, x0[i], x1[i], 9)

@@ -44,6 +44,7 @@ it, e.g. a warm start, stops there. Gradients come from
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -356,7 +357,6 @@ def _forward(
     f0, g0, epsilon_init = init
     geom = problem.geom.materialize()
     engine = {"kernel": _KernelEngine, "log": _LogEngine}[mode]
-    sym = symmetric
     # Exactly max_iter iterations at most: blocks of check_every, then a shorter one.
     check_every = min(check_every, max_iter)
     n_full, rem = divmod(max_iter, check_every)
@@ -373,7 +373,7 @@ def _forward(
     def new_epsilon(s, eps):
         # The level of unbalanced potentials depends on epsilon: re-translate.
         f, g, log_row = _unbalanced_start(problem, geom, *engine.potentials(s), eps, check=False)
-        return engine.init(problem, geom, f, g, eps, log_row, sym)
+        return engine.init(problem, geom, f, g, eps, log_row, symmetric)
 
     def check(s, eps):
         """``(err, finite, converged)`` at state ``s``: O(n + m), from its marginals."""
@@ -418,13 +418,13 @@ def _forward(
         s = loop.state
         if epsilon_init is not None:  # static: annealing on or off
             s = jax.lax.cond(eps != s.eps, lambda s: new_epsilon(s, eps), lambda s: s, s)
-        s = engine.maybe_absorb(problem, geom, s, sym)
+        s = engine.maybe_absorb(problem, geom, s, symmetric)
         if unroll:
             ran = length
-            s, _ = jax.lax.scan(lambda s, _: (engine.step(problem, geom, s, sym), None), s, length=ran)
+            s, _ = jax.lax.scan(lambda s, _: (engine.step(problem, geom, s, symmetric), None), s, length=ran)
         else:
             ran = jnp.where(loop.iters < check_every, 1, length)
-            s = jax.lax.fori_loop(0, ran, lambda _, s: engine.step(problem, geom, s, sym), s)
+            s = jax.lax.fori_loop(0, ran, lambda _, s: engine.step(problem, geom, s, symmetric), s)
         err, finite, converged = check(s, eps)
         s, err, converged = verify(s, eps, err, converged)
         status = jnp.where(
@@ -450,7 +450,7 @@ def _forward(
     log_row = None
     if translate:
         f0, g0, log_row = _unbalanced_start(problem, geom, f0, g0, eps0, check=True)
-    state = engine.init(problem, geom, f0, g0, eps0, log_row, sym)
+    state = engine.init(problem, geom, f0, g0, eps0, log_row, symmetric)
     loop = _Loop(
         state,
         jnp.asarray(0),
@@ -819,8 +819,6 @@ def _divergence(gxy, a, b, epsilon, *, init_fn, tol, max_iter, check_every, mode
     (measured at 300 x 400: 1.6-1.7x ott-jax's compile time instead of 3.0x, for 1.3x the
     warm time of three separate solves). Otherwise three solves are traced.
     """
-    import dataclasses
-
     if epsilon is None:
         epsilon = gxy.default_epsilon()
     x, y = gxy.x, gxy.y

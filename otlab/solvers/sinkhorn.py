@@ -83,6 +83,7 @@ class _KernelState(NamedTuple):
     op: Any  # PlanOperator of K~
     eps: Array
     stale: Array  # a guard tripped inside the block: absorb before continuing
+    verify: Array  # the scaled kernel's check passed: rebuild fresh and check again
 
 
 def _half_step(w, pot, log_marg, eps, tau):
@@ -153,6 +154,10 @@ class _LogEngine:
     def maybe_absorb(p, geom, s, sym=False):
         return s
 
+    @staticmethod
+    def end_block(p, start, s):
+        return s
+
 
 def _log_bound(dtype) -> float:
     """Largest ``|log u|`` a scaling may reach before it is absorbed (no overflow of
@@ -167,7 +172,8 @@ class _KernelEngine:
         zf, zg = jnp.zeros_like(f), jnp.zeros_like(g)
         kv = op.matvec(jnp.ones_like(g))
         ku = op.rmatvec(jnp.ones_like(f))
-        return _KernelState(f, g, zf, zg, kv, ku, op, eps, jnp.asarray(False))
+        false = jnp.asarray(False)
+        return _KernelState(f, g, zf, zg, kv, ku, op, eps, false, false)
 
     @staticmethod
     def absorb(p: _dual.Problem, geom, f, g, eps, log_row=None, sym=False) -> _KernelState:
@@ -199,7 +205,7 @@ class _KernelEngine:
         matrix = None if geom.is_online else jnp.zeros(geom.shape, f.dtype)
         op = PlanOperator(geom, f, g, jnp.asarray(eps), matrix)
         zf, zg = jnp.zeros_like(f), jnp.zeros_like(g)
-        return _KernelState(f, g, zf, zg, zf, zg, op, eps, jnp.asarray(True))
+        return _KernelState(f, g, zf, zg, zf, zg, op, eps, jnp.asarray(True), jnp.asarray(False))
 
     @staticmethod
     def potentials(s: _KernelState):
@@ -214,10 +220,11 @@ class _KernelEngine:
 
     @staticmethod
     def _too_large(p, log_u, log_v, bound):
-        # zero weights have log u ~ log(tiny): they never ask for absorption.
-        return (jnp.max(jnp.where(p.a > 0, jnp.abs(log_u), 0.0)) >= bound) | (
-            jnp.max(jnp.where(p.b > 0, jnp.abs(log_v), 0.0)) >= bound
-        )
+        """Whether a scaling left ``(-bound, bound)`` (or is NaN): one reduction. Zero
+        weights have ``log u ~ log(tiny)``: they never ask for absorption."""
+        mags = jnp.concatenate([jnp.where(p.a > 0, jnp.abs(log_u), 0.0),
+                                jnp.where(p.b > 0, jnp.abs(log_v), 0.0)])  # fmt: skip
+        return ~(jnp.max(mags) < bound)
 
     @staticmethod
     def step(p: _dual.Problem, geom, s: _KernelState, sym=False) -> _KernelState:
@@ -231,17 +238,18 @@ class _KernelEngine:
         kv = s.op.matvec(jnp.exp(log_v))
         if sym is not False:
             ku = jnp.where(sym, kv, ku)
-        # A scaling about to leave the safe range freezes the block (cheap vector
-        # selects); the kernel is rebuilt before the next block.
-        ok = ~s.stale & ~_KernelEngine._too_large(p, log_u, log_v, _log_bound(s.kv.dtype))
-        pick = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-        return s._replace(
-            log_u=pick(log_u, s.log_u),
-            log_v=pick(log_v, s.log_v),
-            kv=pick(kv, s.kv),
-            ku=pick(ku, s.ku),
-            stale=~ok,
-        )
+        return s._replace(log_u=log_u, log_v=log_v, kv=kv, ku=ku)
+
+    @staticmethod
+    def end_block(p: _dual.Problem, start: _KernelState, s: _KernelState) -> _KernelState:
+        """After a block of unguarded steps: a scaling that left the safe range (or
+        overflowed) discards the block (back to its start, cheap vector selects) and
+        marks the kernel stale, to be rebuilt safely before the next block. One check
+        per block instead of one per iteration: the iteration stays two products and
+        O(n + m) work, and XLA compiles fewer kernels."""
+        bad = _KernelEngine._too_large(p, s.log_u, s.log_v, _log_bound(s.kv.dtype))
+        back = start._replace(stale=jnp.asarray(True))
+        return jax.tree.map(lambda old, new: jnp.where(bad, old, new), back, s)
 
     @staticmethod
     def marginals(s: _KernelState):
@@ -250,20 +258,24 @@ class _KernelEngine:
     @staticmethod
     def maybe_absorb(p, geom, s: _KernelState, sym=False):
         """Rebuild the kernel when the scalings grew past 3/4 of the bound (one pass
-        of exponentials), or safely after a frozen block (three passes)."""
+        of exponentials), safely after a discarded block (three passes), or to verify
+        a check (`_forward`'s ``verify``): the kernel is rebuilt at the potentials in
+        the canonical gauge, with unit scalings, so the next check reads the marginals
+        of the returned potentials themselves (as `otlab.solution.build` will
+        re-evaluate them), not the scaled kernel's rounding of them."""
         grown = _KernelEngine._too_large(p, s.log_u, s.log_v, 0.75 * _log_bound(s.kv.dtype))
 
         def rebuild(s):
-            # Safe absorption after a frozen block: one log-domain iteration first
-            # (a nested cond: one traced copy of the kernel build serves both cases).
-            f, g = _KernelEngine.potentials(s)
+            # Safe absorption after a discarded block: one log-domain iteration first
+            # (a nested cond: one traced copy of the kernel build serves every case).
+            f, g = _dual.gauge_shift(*_KernelEngine.potentials(s), p.a, p.b, p.tau_a, p.tau_b)
             f, g = jax.lax.cond(
                 s.stale, lambda f, g: _KernelEngine._log_iteration(p, geom, f, g, s.eps, None, sym),
                 lambda f, g: (f, g), f, g,
             )  # fmt: skip
             return _KernelEngine._build(p, geom, f, g, s.eps)
 
-        return jax.lax.cond(s.stale | grown, rebuild, lambda s: s, s)
+        return jax.lax.cond(s.stale | s.verify | grown, rebuild, lambda s: s, s)
 
 
 # --------------------------------------------------------------------------- loop
@@ -384,14 +396,12 @@ def _forward(
         return err, finite, (err <= tol) & (eps <= eps_target)
 
     def verify(s, eps, err, converged):
-        """A block that looks converged is re-checked as the solution will be
+        """Log mode: a block that looks converged is re-checked as the solution will be
         (`otlab.solution.build`): potentials in the canonical gauge, marginals in the
-        log domain (two passes, once per solve as a rule: a ``lax.cond``). The kernel
-        engine's marginals come from the scaled kernel and can miss the true error
-        when the potentials are large (rounding of ``K~``), and in float32 near the
-        rounding floor the gauge shift alone can move the error past ``tol``. If the
-        check fails the loop goes on (the kernel engine rebuilds its kernel safely
-        first)."""
+        log domain (two passes, once per solve as a rule: a ``lax.cond``); in float32
+        near the rounding floor the gauge shift alone can move the error past
+        ``tol``. If the check fails the loop goes on. (The kernel engine verifies by
+        rebuilding its kernel instead: see ``body``.)"""
 
         def log_error(s):
             f, g = _dual.gauge_shift(*engine.potentials(s), p.a, p.b, p.tau_a, p.tau_b)
@@ -402,10 +412,7 @@ def _forward(
 
         p = problem
         err = jax.lax.cond(converged, log_error, lambda s: err, s)
-        ok = err <= tol
-        if mode == "kernel":
-            s = s._replace(stale=s.stale | (converged & ~ok))
-        return s, err, converged & ok
+        return s, err, converged & (err <= tol)
 
     def body(loop: _Loop, length: int = check_every) -> _Loop:
         """One block: ``length`` iterations, then the residual check. The first block
@@ -413,35 +420,59 @@ def _forward(
         ``loop.block`` still 0), so that a good start (``init``) that converges within
         it stops there. One traced copy of the iteration and of the check serves both
         (a separate first-block scan doubled the kernels XLA compiles); with ``unroll``
-        every block is a fixed-length scan (reverse-differentiable)."""
+        every block is a fixed-length scan (reverse-differentiable).
+
+        The kernel engine's marginals come from the scaled kernel and can miss the
+        true error when the potentials are large (rounding of ``u K~ v``). A check it
+        passes is therefore verified: the next block rebuilds the kernel at the
+        potentials in the canonical gauge (`_KernelEngine.maybe_absorb`), runs no
+        iteration, and checks the fresh kernel's marginals, which are the returned
+        potentials' own; only that check can stop the loop. One pass of exponentials
+        per verification, and no second copy of the log-domain passes to compile."""
         eps = eps_at(loop.block)
         s = loop.state
         if epsilon_init is not None:  # static: annealing on or off
             s = jax.lax.cond(eps != s.eps, lambda s: new_epsilon(s, eps), lambda s: s, s)
+        verifying = s.verify if mode == "kernel" else False
         s = engine.maybe_absorb(problem, geom, s, symmetric)
         if unroll:
             ran = length
             s, _ = jax.lax.scan(lambda s, _: (engine.step(problem, geom, s, symmetric), None), s, length=ran)
         else:
             ran = jnp.where(loop.iters < check_every, 1, length)
+            ran = jnp.where(verifying, 0, ran)
+            start = s
             s = jax.lax.fori_loop(0, ran, lambda _, s: engine.step(problem, geom, s, symmetric), s)
+            s = engine.end_block(problem, start, s)
         err, finite, converged = check(s, eps)
-        s, err, converged = verify(s, eps, err, converged)
+        if mode == "kernel":
+            s = s._replace(verify=converged & ~verifying)
+            converged = converged & verifying
+        else:
+            s, err, converged = verify(s, eps, err, converged)
         status = jnp.where(
             ~finite, Status.NONFINITE, jnp.where(converged, Status.SUCCESS, Status.MAX_ITER)
         )
+        # errors[k]: the last check of block k; a verification re-checks the block before
+        # it (slot 0 while within the first block, checked after every iteration)
+        slot = loop.block
+        if verifying is not False:
+            last = jnp.where(loop.iters <= check_every, 0, loop.block - 1)
+            slot = jnp.where(verifying, last, loop.block)
         slow = False
-        if stall:  # not in the first block (checked after every iteration)
+        if stall:  # not in the first block (checked after every iteration), nor a verification
             rate = err / loop.err
             need = ran * jnp.log(tol / err) / jnp.log(jnp.where(rate < 1, rate, 0.5))
             left = max_iter - (loop.iters + ran)
             slow = ((rate >= 1) | (need > left)) & (eps <= eps_target) & (loop.iters >= check_every)
+            if verifying is not False:
+                slow = slow & ~verifying
         return _Loop(
             s,
             (loop.iters + ran) // check_every,
             loop.iters + ran,
             err,
-            loop.errors.at[loop.block // stride if stride > 1 else loop.block].set(err),
+            loop.errors.at[slot // stride if stride > 1 else slot].set(err),
             status.astype(jnp.int32),
             (~finite) | converged | slow,
         )

@@ -247,7 +247,7 @@ def complete(problem: Problem, f: Array, g: Array) -> tuple[Array, Array, Array]
       with ``log 0`` the finite `safe_log`): the one-sided derivative of the
       problem's value in that weight, and what every engine and solver returns;
     * ``marginal_error``, the L1 norm of the optimality residual of the returned
-      ``(f, g)`` re-evaluated in the log domain (max-shifted log-sum-exp passes),
+      ``(f, g)`` (NaN if they are not finite) re-evaluated in the log domain (max-shifted log-sum-exp passes),
       whatever the solver's own estimate was (a scaled kernel can underestimate it).
       The change of the columns at zero weights moves the rows by at most the
       change of those columns' mass, which is added: a bound, not an estimate.
@@ -265,5 +265,7 @@ def complete(problem: Problem, f: Array, g: Array) -> tuple[Array, Array, Array]
     log_col_new = log_col + (g_new - g) / eps
     ra, rb = problem.residual(f_new, g_new, jnp.exp(log_row), jnp.exp(log_col_new))
     moved = jnp.sum(jnp.abs(jnp.exp(log_col_new) - jnp.exp(log_col)))
-    err = jnp.sum(jnp.abs(ra)) + jnp.sum(jnp.abs(rb)) + moved
+    # (+ 0 * f: NaN unless the potentials are finite, which `solution.build` reads
+    # from it: no separate reductions for that)
+    err = jnp.sum(jnp.abs(ra + 0.0 * f_new)) + jnp.sum(jnp.abs(rb + 0.0 * g_new)) + moved
     return f_new, g_new, err

@@ -365,7 +365,7 @@ def build(
     f, g, err = _dual.complete(p, f, g)
     checked = jnp.where(err <= tol, Status.SUCCESS, Status.MAX_ITER)
     status = jnp.where((status == Status.SUCCESS) | (status == Status.MAX_ITER), checked, status)
-    finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
+    finite = ~jnp.isnan(err)  # the potentials are finite (see `otlab._dual.complete`)
     # an infeasible problem (e.g. epsilon = 0 under jit) stays INFEASIBLE whatever its potentials
     status = jnp.where(finite | (status == Status.INFEASIBLE), status, Status.NONFINITE)
     status = status.astype(jnp.int32)

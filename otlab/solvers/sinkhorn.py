@@ -84,6 +84,7 @@ class _KernelState(NamedTuple):
     eps: Array
     stale: Array  # a guard tripped inside the block: absorb before continuing
     verify: Array  # the scaled kernel's check passed: rebuild fresh and check again
+    grown: Array  # the scalings passed 3/4 of the bound: rebuild before the next block
 
 
 def _half_step(w, pot, log_marg, eps, tau):
@@ -173,7 +174,7 @@ class _KernelEngine:
         kv = op.matvec(jnp.ones_like(g))
         ku = op.rmatvec(jnp.ones_like(f))
         false = jnp.asarray(False)
-        return _KernelState(f, g, zf, zg, kv, ku, op, eps, false, false)
+        return _KernelState(f, g, zf, zg, kv, ku, op, eps, false, false, false)
 
     @staticmethod
     def absorb(p: _dual.Problem, geom, f, g, eps, log_row=None, sym=False) -> _KernelState:
@@ -205,7 +206,8 @@ class _KernelEngine:
         matrix = None if geom.is_online else jnp.zeros(geom.shape, f.dtype)
         op = PlanOperator(geom, f, g, jnp.asarray(eps), matrix)
         zf, zg = jnp.zeros_like(f), jnp.zeros_like(g)
-        return _KernelState(f, g, zf, zg, zf, zg, op, eps, jnp.asarray(True), jnp.asarray(False))
+        true, false = jnp.asarray(True), jnp.asarray(False)
+        return _KernelState(f, g, zf, zg, zf, zg, op, eps, true, false, false)
 
     @staticmethod
     def potentials(s: _KernelState):
@@ -219,12 +221,11 @@ class _KernelEngine:
         )
 
     @staticmethod
-    def _too_large(p, log_u, log_v, bound):
-        """Whether a scaling left ``(-bound, bound)`` (or is NaN): one reduction. Zero
-        weights have ``log u ~ log(tiny)``: they never ask for absorption."""
-        mags = jnp.concatenate([jnp.where(p.a > 0, jnp.abs(log_u), 0.0),
-                                jnp.where(p.b > 0, jnp.abs(log_v), 0.0)])  # fmt: skip
-        return ~(jnp.max(mags) < bound)
+    def _largest(p, log_u, log_v):
+        """``max |log u|, |log v|`` (NaN if any is). Zero weights have ``log u ~
+        log(tiny)``: they never ask for absorption."""
+        return jnp.maximum(jnp.max(jnp.where(p.a > 0, jnp.abs(log_u), 0.0)),
+                           jnp.max(jnp.where(p.b > 0, jnp.abs(log_v), 0.0)))  # fmt: skip
 
     @staticmethod
     def step(p: _dual.Problem, geom, s: _KernelState, sym=False) -> _KernelState:
@@ -244,12 +245,19 @@ class _KernelEngine:
     def end_block(p: _dual.Problem, start: _KernelState, s: _KernelState) -> _KernelState:
         """After a block of unguarded steps: a scaling that left the safe range (or
         overflowed) discards the block (back to its start, cheap vector selects) and
-        marks the kernel stale, to be rebuilt safely before the next block. One check
-        per block instead of one per iteration: the iteration stays two products and
-        O(n + m) work, and XLA compiles fewer kernels."""
-        bad = _KernelEngine._too_large(p, s.log_u, s.log_v, _log_bound(s.kv.dtype))
-        back = start._replace(stale=jnp.asarray(True))
-        return jax.tree.map(lambda old, new: jnp.where(bad, old, new), back, s)
+        marks the kernel stale, to be rebuilt safely before the next block; one past
+        3/4 of the bound asks for a plain rebuild (one pass of exponentials). One
+        check per block instead of one per iteration: the iteration stays two
+        products and O(n + m) work, and XLA compiles fewer kernels."""
+        largest = _KernelEngine._largest(p, s.log_u, s.log_v)
+        bound = _log_bound(s.kv.dtype)
+        bad = ~(largest < bound)
+        pick = lambda old, new: jnp.where(bad, old, new)  # noqa: E731
+        return s._replace(
+            log_u=pick(start.log_u, s.log_u), log_v=pick(start.log_v, s.log_v),
+            kv=pick(start.kv, s.kv), ku=pick(start.ku, s.ku), stale=bad | s.stale,
+            grown=largest >= 0.75 * bound,
+        )  # fmt: skip
 
     @staticmethod
     def marginals(s: _KernelState):
@@ -258,13 +266,11 @@ class _KernelEngine:
     @staticmethod
     def maybe_absorb(p, geom, s: _KernelState, sym=False):
         """Rebuild the kernel when the scalings grew past 3/4 of the bound (one pass
-        of exponentials), safely after a discarded block (three passes), or to verify
+        of exponentials; see `end_block`), safely after a discarded block (three passes), or to verify
         a check (`_forward`'s ``verify``): the kernel is rebuilt at the potentials in
         the canonical gauge, with unit scalings, so the next check reads the marginals
         of the returned potentials themselves (as `otlab.solution.build` will
         re-evaluate them), not the scaled kernel's rounding of them."""
-        grown = _KernelEngine._too_large(p, s.log_u, s.log_v, 0.75 * _log_bound(s.kv.dtype))
-
         def rebuild(s):
             # Safe absorption after a discarded block: one log-domain iteration first
             # (a nested cond: one traced copy of the kernel build serves every case).
@@ -275,7 +281,7 @@ class _KernelEngine:
             )  # fmt: skip
             return _KernelEngine._build(p, geom, f, g, s.eps)
 
-        return jax.lax.cond(s.stale | s.verify | grown, rebuild, lambda s: s, s)
+        return jax.lax.cond(s.stale | s.verify | s.grown, rebuild, lambda s: s, s)
 
 
 # --------------------------------------------------------------------------- loop
@@ -391,8 +397,9 @@ def _forward(
         """``(err, finite, converged)`` at state ``s``: O(n + m), from its marginals."""
         f, g = engine.potentials(s)
         ra, rb = problem.residual(f, g, *engine.marginals(s))
-        err = jnp.sum(jnp.abs(ra)) + jnp.sum(jnp.abs(rb))
-        finite = jnp.isfinite(err) & jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
+        # (+ 0 * f: non-finite potentials make the error NaN; two reductions, not four)
+        err = jnp.sum(jnp.abs(ra + 0.0 * f)) + jnp.sum(jnp.abs(rb + 0.0 * g))
+        finite = jnp.isfinite(err)
         return err, finite, (err <= tol) & (eps <= eps_target)
 
     def verify(s, eps, err, converged):
@@ -525,21 +532,20 @@ def _solve(forward, problem: _dual.Problem, init, implicit_diff, tol: float) -> 
     (`otlab.solution.build`: zero-weight potentials and the final log-domain check)."""
     f, g, (status, n_iter, _, errors) = implicit.solve(forward, problem, init, implicit_diff)
     p = problem
-    status = _runtime_status(status, f, g, p.a, p.b, p.epsilon, p.tau_a, p.tau_b)
+    status = _runtime_status(status, p.a, p.b, p.epsilon, p.tau_a, p.tau_b)
     return solution.build(problem, f, g, status, n_iter, errors, tol)
 
 
-def _runtime_status(status, f, g, a, b, epsilon, tau_a, tau_b):
+def _runtime_status(status, a, b, epsilon, tau_a, tau_b):
     """Final status: run-time infeasibility (values the eager checks could not see
-    under ``jit``) and non-finite potentials override the loop's status."""
+    under ``jit``) overrides the loop's status (non-finite potentials are
+    `otlab.solution.build`'s to flag)."""
     # (NaN parameters are not infeasible but NONFINITE: these comparisons are False.)
     bad_param = (epsilon <= 0) | (tau_a <= 0) | (tau_a > 1) | (tau_b <= 0) | (tau_b > 1)
     negative = jnp.any(a < 0) | jnp.any(b < 0) | bad_param
     unequal = (jnp.abs(jnp.sum(a) - jnp.sum(b)) > 1e-5 * jnp.maximum(jnp.sum(a), jnp.sum(b))) & (
         _dual.is_balanced(tau_a, tau_b) > 0
     )
-    finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
-    status = jnp.where(finite, status, Status.NONFINITE)
     # An infeasible problem (e.g. epsilon = 0, which also makes the potentials NaN)
     # is reported as such, not as the NaN it causes.
     return jnp.where(negative | unequal, Status.INFEASIBLE, status).astype(jnp.int32)
@@ -871,7 +877,7 @@ def _divergence(gxy, a, b, epsilon, *, init_fn, tol, max_iter, check_every, mode
         )  # fmt: skip
         # (the canonical gauge, and no implicit backward: the inputs are constants)
         f, g, (status, n_iter, _, errors) = implicit.solve(forward, problem, (f0, g0, None), None)
-        status = _runtime_status(status, f, g, a, b, eps, one, one)
+        status = _runtime_status(status, a, b, eps, one, one)
         return solution.build(problem, f, g, status, n_iter, errors, tol)
 
     def value(sol: OTSolution, x, y, a, b) -> Array:

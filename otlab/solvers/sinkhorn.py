@@ -886,6 +886,9 @@ def _divergence(gxy, a, b, epsilon, *, init_fn, tol, max_iter, check_every, mode
         solve is compiled or run (as ott-jax's divergence, ``use_danskin``)."""
         theta = (dataclasses.replace(gxy, x=x, y=y), a, b, epsilon, one, one)
         env = _dual.reg_cost(sol.f, sol.g, theta)
+        # the primal form's pass on the same (constant) inputs as the dual's, not the
+        # solver's copies of them: XLA then shares the cost matrix
+        sol = dataclasses.replace(sol, geom=jax.lax.stop_gradient(theta[0]))
         dual = jax.lax.stop_gradient(env)
         # The value is sol.reg_cost's exactly (the dual's pass shared); the added term
         # is zero in value and carries the envelope derivative. (``env +

@@ -24,11 +24,13 @@ zero-weight points both return the c-transform, set when the solution is built):
     magnitude cheaper than a pass of exponentials on CPU). When ``|log u|`` or
     ``|log v|`` would exceed a dtype-dependent bound (40 in float32, 300 in
     float64; absorption at 3/4 of it), the scalings are absorbed into ``f~, g~`` and the kernel is rebuilt
-    (one pass of exponentials). After a block in which a scaling hit the bound,
-    at the start and when epsilon changes, the rebuild is preceded by one
+    (one pass of exponentials). The bound is checked once per block: a block at
+    whose end a scaling is past it (or overflowed) is discarded. After such a
+    block, at the start and when epsilon changes, the rebuild is preceded by one
     log-domain iteration, which makes every row and column of ``K~`` carry mass
-    (no row underflows in float32 at small epsilon). The default for dense
-    geometries.
+    (no row underflows in float32 at small epsilon). A converged-looking check of
+    the scaled kernel is verified on a kernel rebuilt at the potentials
+    themselves. The default for dense geometries.
 
 For unbalanced problems a given start (``init``) is first shifted by the constant
 that maximises the dual after the first half-step (`otlab._dual.translate_start`; one step of the

@@ -28,9 +28,8 @@ zero-weight points both return the c-transform, set when the solution is built):
     whose end a scaling is past it (or overflowed) is discarded. After such a
     block, at the start and when epsilon changes, the rebuild is preceded by one
     log-domain iteration, which makes every row and column of ``K~`` carry mass
-    (no row underflows in float32 at small epsilon). A converged-looking check of
-    the scaled kernel is verified on a kernel rebuilt at the potentials
-    themselves. The default for dense geometries.
+    (no row underflows in float32 at small epsilon). The default for dense
+    geometries.
 
 For unbalanced problems a given start (``init``) is first shifted by the constant
 that maximises the dual after the first half-step (`otlab._dual.translate_start`; one step of the
@@ -85,7 +84,6 @@ class _KernelState(NamedTuple):
     op: Any  # PlanOperator of K~
     eps: Array
     stale: Array  # a guard tripped inside the block: absorb before continuing
-    verify: Array  # the scaled kernel's check passed: rebuild fresh and check again
     grown: Array  # the scalings passed 3/4 of the bound: rebuild before the next block
 
 
@@ -176,7 +174,7 @@ class _KernelEngine:
         kv = op.matvec(jnp.ones_like(g))
         ku = op.rmatvec(jnp.ones_like(f))
         false = jnp.asarray(False)
-        return _KernelState(f, g, zf, zg, kv, ku, op, eps, false, false, false)
+        return _KernelState(f, g, zf, zg, kv, ku, op, eps, false, false)
 
     @staticmethod
     def absorb(p: _dual.Problem, geom, f, g, eps, log_row=None, sym=False) -> _KernelState:
@@ -209,7 +207,7 @@ class _KernelEngine:
         op = PlanOperator(geom, f, g, jnp.asarray(eps), matrix)
         zf, zg = jnp.zeros_like(f), jnp.zeros_like(g)
         true, false = jnp.asarray(True), jnp.asarray(False)
-        return _KernelState(f, g, zf, zg, zf, zg, op, eps, true, false, false)
+        return _KernelState(f, g, zf, zg, zf, zg, op, eps, true, false)
 
     @staticmethod
     def potentials(s: _KernelState):
@@ -268,22 +266,20 @@ class _KernelEngine:
     @staticmethod
     def maybe_absorb(p, geom, s: _KernelState, sym=False):
         """Rebuild the kernel when the scalings grew past 3/4 of the bound (one pass
-        of exponentials; see `end_block`), safely after a discarded block (three passes), or to verify
-        a check (`_forward`'s ``verify``): the kernel is rebuilt at the potentials in
-        the canonical gauge, with unit scalings, so the next check reads the marginals
-        of the returned potentials themselves (as `otlab.solution.build` will
-        re-evaluate them), not the scaled kernel's rounding of them."""
+        of exponentials; see `end_block`), or safely after a discarded block or a
+        failed verification (three passes)."""
+
         def rebuild(s):
             # Safe absorption after a discarded block: one log-domain iteration first
             # (a nested cond: one traced copy of the kernel build serves every case).
-            f, g = _dual.gauge_shift(*_KernelEngine.potentials(s), p.a, p.b, p.tau_a, p.tau_b)
+            f, g = _KernelEngine.potentials(s)
             f, g = jax.lax.cond(
                 s.stale, lambda f, g: _KernelEngine._log_iteration(p, geom, f, g, s.eps, None, sym),
                 lambda f, g: (f, g), f, g,
             )  # fmt: skip
             return _KernelEngine._build(p, geom, f, g, s.eps)
 
-        return jax.lax.cond(s.stale | s.verify | s.grown, rebuild, lambda s: s, s)
+        return jax.lax.cond(s.stale | s.grown, rebuild, lambda s: s, s)
 
 
 # --------------------------------------------------------------------------- loop
@@ -405,12 +401,17 @@ def _forward(
         return err, finite, (err <= tol) & (eps <= eps_target)
 
     def verify(s, eps, err, converged):
-        """Log mode: a block that looks converged is re-checked as the solution will be
+        """A block that looks converged is re-checked as the solution will be
         (`otlab.solution.build`): potentials in the canonical gauge, marginals in the
-        log domain (two passes, once per solve as a rule: a ``lax.cond``); in float32
-        near the rounding floor the gauge shift alone can move the error past
-        ``tol``. If the check fails the loop goes on. (The kernel engine verifies by
-        rebuilding its kernel instead: see ``body``.)"""
+        log domain (two passes, once per solve as a rule: a ``lax.cond``). The kernel
+        engine's marginals come from the scaled kernel and can miss the true error
+        when the potentials are large (rounding of ``K~``), and in float32 near the
+        rounding floor the gauge shift alone can move the error past ``tol``. If the
+        check fails the loop goes on (the kernel engine rebuilds its kernel safely
+        first). (The same passes as the final check, so that the two agree to the
+        last bit: a kernel rebuilt at the potentials reads marginals that differ by
+        rounding, up to 1 % of ``tol`` in float32, and a loop stopped on it could
+        end ``MAX_ITER``.)"""
 
         def log_error(s):
             f, g = _dual.gauge_shift(*engine.potentials(s), p.a, p.b, p.tau_a, p.tau_b)
@@ -421,7 +422,10 @@ def _forward(
 
         p = problem
         err = jax.lax.cond(converged, log_error, lambda s: err, s)
-        return s, err, converged & (err <= tol)
+        ok = err <= tol
+        if mode == "kernel":
+            s = s._replace(stale=s.stale | (converged & ~ok))
+        return s, err, converged & ok
 
     def body(loop: _Loop, length: int = check_every) -> _Loop:
         """One block: ``length`` iterations, then the residual check. The first block
@@ -429,59 +433,37 @@ def _forward(
         ``loop.block`` still 0), so that a good start (``init``) that converges within
         it stops there. One traced copy of the iteration and of the check serves both
         (a separate first-block scan doubled the kernels XLA compiles); with ``unroll``
-        every block is a fixed-length scan (reverse-differentiable).
-
-        The kernel engine's marginals come from the scaled kernel and can miss the
-        true error when the potentials are large (rounding of ``u K~ v``). A check it
-        passes is therefore verified: the next block rebuilds the kernel at the
-        potentials in the canonical gauge (`_KernelEngine.maybe_absorb`), runs no
-        iteration, and checks the fresh kernel's marginals, which are the returned
-        potentials' own; only that check can stop the loop. One pass of exponentials
-        per verification, and no second copy of the log-domain passes to compile."""
+        every block is a fixed-length scan (reverse-differentiable)."""
         eps = eps_at(loop.block)
         s = loop.state
         if epsilon_init is not None:  # static: annealing on or off
             s = jax.lax.cond(eps != s.eps, lambda s: new_epsilon(s, eps), lambda s: s, s)
-        verifying = s.verify if mode == "kernel" else False
         s = engine.maybe_absorb(problem, geom, s, symmetric)
         if unroll:
             ran = length
             s, _ = jax.lax.scan(lambda s, _: (engine.step(problem, geom, s, symmetric), None), s, length=ran)
         else:
             ran = jnp.where(loop.iters < check_every, 1, length)
-            ran = jnp.where(verifying, 0, ran)
             start = s
             s = jax.lax.fori_loop(0, ran, lambda _, s: engine.step(problem, geom, s, symmetric), s)
             s = engine.end_block(problem, start, s)
         err, finite, converged = check(s, eps)
-        if mode == "kernel":
-            s = s._replace(verify=converged & ~verifying)
-            converged = converged & verifying
-        else:
-            s, err, converged = verify(s, eps, err, converged)
+        s, err, converged = verify(s, eps, err, converged)
         status = jnp.where(
             ~finite, Status.NONFINITE, jnp.where(converged, Status.SUCCESS, Status.MAX_ITER)
         )
-        # errors[k]: the last check of block k; a verification re-checks the block before
-        # it (slot 0 while within the first block, checked after every iteration)
-        slot = loop.block
-        if verifying is not False:
-            last = jnp.where(loop.iters <= check_every, 0, loop.block - 1)
-            slot = jnp.where(verifying, last, loop.block)
         slow = False
-        if stall:  # not in the first block (checked after every iteration), nor a verification
+        if stall:  # not in the first block (checked after every iteration)
             rate = err / loop.err
             need = ran * jnp.log(tol / err) / jnp.log(jnp.where(rate < 1, rate, 0.5))
             left = max_iter - (loop.iters + ran)
             slow = ((rate >= 1) | (need > left)) & (eps <= eps_target) & (loop.iters >= check_every)
-            if verifying is not False:
-                slow = slow & ~verifying
         return _Loop(
             s,
             (loop.iters + ran) // check_every,
             loop.iters + ran,
             err,
-            loop.errors.at[slot // stride if stride > 1 else slot].set(err),
+            loop.errors.at[loop.block // stride if stride > 1 else loop.block].set(err),
             status.astype(jnp.int32),
             (~finite) | converged | slow,
         )

@@ -90,8 +90,8 @@ def _lse_first(z: Array) -> Array:
 
 
 def _primal_terms(c: Array, fr: Array, gc: Array, eps: Array, lar: Array, lbc: Array) -> Array:
-    """Per-row ``[sum_j C P, sum_j a b phi(z), sum_j a b C, sum_j a b |C|]`` of a block,
-    shape ``(rows, 4)``: ``z = log(P / (a b))`` and ``phi(z) = z e^z - e^z + 1 >= 0``
+    """Per-row ``[sum_j C P, sum_j a b phi(z), sum_j a b C]`` of a block, shape
+    ``(rows, 3)``: ``z = log(P / (a b))`` and ``phi(z) = z e^z - e^z + 1 >= 0``
     (``a b phi(z)`` is the KL term of each entry, no cancellation across entries)."""
     logits = _logits(c, fr, gc, eps)
     p = jnp.exp(logits)
@@ -103,7 +103,7 @@ def _primal_terms(c: Array, fr: Array, gc: Array, eps: Array, lar: Array, lbc: A
     big = z > 1.0
     kl = p * z - jnp.where(big, p - ab, ab * jnp.expm1(jnp.where(big, 1.0, z)))
     return jnp.stack(
-        [jnp.sum(c * p, 1), jnp.sum(kl, 1), jnp.sum(ab * c, 1), jnp.sum(ab * jnp.abs(c), 1)], -1
+        [jnp.sum(c * p, 1), jnp.sum(kl, 1), jnp.sum(ab * c, 1)], -1
     )
 
 
@@ -347,7 +347,7 @@ class _GeometryBase:
         return jnp.sum(c * jnp.exp(_logits(c, f, g, epsilon)))
 
     def primal_terms(self, f: Array, g: Array, epsilon: Array, log_a: Array, log_b: Array):
-        """``(<C, P>, KL(P | a b^T), <C, a b^T>, <|C|, a b^T>)`` in one pass.
+        """``(<C, P>, KL(P | a b^T), <C, a b^T>)`` in one pass.
 
         The KL is summed entry by entry as ``a b phi(log(P / a b))``, so it stays
         accurate when ``P`` is close to ``a b^T`` (large epsilon), where the dual's

@@ -295,7 +295,7 @@ def _dual_value(sol: OTSolution) -> Array:
 def _primal_value(sol: OTSolution) -> Array:
     eps = sol.epsilon
     log_a, log_b = _dual.safe_log(sol.a), _dual.safe_log(sol.b)
-    cp, kl, cab, _ = sol.geom.primal_terms(sol.f, sol.g, eps, log_a, log_b)
+    cp, kl, cab = sol.geom.primal_terms(sol.f, sol.g, eps, log_a, log_b)
     return jnp.minimum(cp + eps * kl, cab)
 
 

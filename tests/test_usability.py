@@ -211,6 +211,27 @@ def test_default_epsilon_online_matches_dense_and_divergence_of_coincident_point
     assert abs(float(otlab.sinkhorn_divergence(p, p, block_size=3))) <= 1e-6
 
 
+@pytest.mark.parametrize("cost", ["sqeuclidean", "mahalanobis", "scaled"])
+def test_default_epsilon_of_factored_costs_is_the_exact_mean(cost, dtype):
+    """Factored costs (`Cost.features`) give the mean cost in O((n + m) r), dense and
+    online: equal to the mean of the cost matrix evaluated in float64, also for clouds
+    far from the origin (no cancellation: the clouds are jointly centred)."""
+    x, y = _cloud(11, 3, dtype, shift=2.0)
+    m = jnp.asarray([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 0.5]], dtype)
+    c = {"sqeuclidean": costs.SqEuclidean(), "mahalanobis": costs.Mahalanobis(m),
+         "scaled": costs.Scaled(costs.SqEuclidean(), jnp.asarray(3.0, dtype))}[cost]  # fmt: skip
+    m64 = np.asarray(m, np.float64)
+    for offset in (0.0, 1e4):
+        xo, yo = x + offset, y + offset  # (rounded in the dtype: the reference uses these)
+        z = np.asarray(xo, np.float64)[:, None] - np.asarray(yo, np.float64)[None]
+        exact = {"sqeuclidean": (z**2).sum(-1), "mahalanobis": np.einsum("ijk,kl,ijl->ij", z, m64, z),
+                 "scaled": 3.0 * (z**2).sum(-1)}[cost].mean()  # fmt: skip
+        for block in (None, 4):
+            geom = otlab.PointCloud(xo, yo, c, block_size=block)
+            eps = float(geom.default_epsilon())
+            np.testing.assert_allclose(eps, 0.05 * exact, rtol=1e-5, err_msg=f"{offset}, {block}")
+
+
 # ---------------------------------------------------------- 7. errors, options
 
 

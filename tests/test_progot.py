@@ -94,8 +94,10 @@ def test_recursion_default_path():
 
 def test_reference_loop_and_the_ott_bug(x64):
     """Against a ProgOT loop written on ott-jax's Sinkhorn with the correct recursion
-    (same explicit schedules): same iterates and potentials. ott-jax 0.6.0's own
-    ``ProgOT`` displaces the original points: `recursion_gap` catches it."""
+    (same explicit schedules): same iterates and potentials, and the centered last
+    step ``x^(K) = x^(K-1) + T_{K-1}(x^(K-1)) - U(x^(K-1))`` with ``U`` ott-jax's
+    entropic self map of ``x^(K-1)``. ott-jax 0.6.0's own ``ProgOT`` displaces the
+    original points: `recursion_gap` catches it."""
     from ott.geometry import pointcloud
     from ott.problems.linear import linear_problem
     from ott.solvers.linear import sinkhorn as ott_sinkhorn
@@ -114,11 +116,16 @@ def test_reference_loop_and_the_ott_bug(x64):
         out = solver(linear_problem.LinearProblem(pointcloud.PointCloud(xk, y, epsilon=eps_k)))
         return out.g, (1 - alpha) * xk + alpha * out.to_dual_potentials().transport(xk)
 
-    xk, ref_xs = x, [x]
+    ref_xs = [x]
     for k in range(K):
-        g, xk = ott_step(xk, eps[k], alphas[k])
+        g, x_next = ott_step(ref_xs[-1], eps[k], alphas[k])  # alphas[-1] = 1: x_next = T(x)
         np.testing.assert_allclose(sol.steps.g[k] - sol.steps.g[k].mean(), g - g.mean(), atol=1e-7)
-        ref_xs.append(xk)
+        ref_xs.append(x_next)
+    plain = otlab.progot(x, y, num_steps=K, epsilons=eps, solver=LOG64, center=False)
+    np.testing.assert_allclose(plain.xs, np.stack(ref_xs), atol=1e-7)  # the paper's recursion
+    xl = ref_xs[-2]
+    self_map = solver(linear_problem.LinearProblem(pointcloud.PointCloud(xl, epsilon=eps[-1])))
+    ref_xs[-1] = x_next - self_map.to_dual_potentials().transport(xl) + xl
     np.testing.assert_allclose(sol.xs, np.stack(ref_xs), atol=1e-7)
 
     ours = [sol.step(k).transport for k in range(K)]

@@ -142,6 +142,20 @@ def test_reference_loop_and_the_ott_bug(x64):
     assert recursion_gap(ott_xs, alphas, ott_maps) > 1e-2  # the bug, caught
 
 
+def test_centered_last_step_is_the_identity_on_the_target():
+    """From ``x = y`` a single step (the last) moves nothing when centered: ``T_0`` and
+    the self map ``U`` solve the same problem. The plain entropic map pulls points in."""
+    _, y = _clouds(jnp.float32)
+    eps = _eps(y, y)[:1]
+    z = y[:5] + 0.3
+    centered = otlab.progot(y, y, num_steps=1, epsilons=eps, solver=LOG)
+    plain = otlab.progot(y, y, num_steps=1, epsilons=eps, solver=LOG, center=False)
+    assert bool(centered.converged)
+    np.testing.assert_allclose(centered.transport(z), z, atol=1e-4)
+    np.testing.assert_allclose(centered.xs[-1], y, atol=1e-4)
+    assert float(jnp.max(jnp.abs(plain.transport(z) - z))) > 1e-2
+
+
 # ----------------------------------------------------------------- closed forms
 
 

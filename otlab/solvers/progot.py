@@ -18,9 +18,26 @@ projection of the plan on the training points) and moves the points a fraction
 
 * the coupling: the last step's plan ``P_{K-1}``; its rows are the source points in
   their original order (the iterates are the source points, displaced);
-* the map of new points ``z -> T_{K-1}(S_{K-2}(... S_0(z)))``
+* the map of new points ``z -> T~_{K-1}(S_{K-2}(... S_0(z)))``
   (`ProgOTSolution.transport`); on the training points it is the last iterate
   ``x^(K)`` when ``alpha_{K-1} = 1`` (every named schedule).
+
+Centered last step (``center=True``, the default; ``False`` is the paper's plain map).
+The last problem is between ``x^(K-1)``, already close to ``y``, and ``y``: a nearly
+self-to-self problem, whose entropic map carries the bias of an entropic self map (it
+pulls points towards local means, a contraction of order ``epsilon`` times the inverse
+local covariance). The last step therefore uses the centered map (Pooladian, Cuturi &
+Niles-Weed, "Debiaser beware", ICML 2022)
+
+$$ \tilde T_{K-1}(z) = T_{K-1}(z) - U(z) + z, $$
+
+``U`` the entropic map of ``OT_{eps_{K-1}}(x^(K-1), x^(K-1))`` (one more solve, a self
+problem: Sinkhorn's symmetric update). To first order in ``epsilon`` the bias cancels,
+and the last step is exactly the identity when ``x^(K-1) = y``. Only the last step is
+centered: centering an intermediate step moves the training iterates by the in-sample
+self map (a point matched to itself) and new points by the out-of-sample one, so the
+next steps are fitted on iterates that new points do not follow (measured worse, see
+docs/progot.md).
 
 Schedules. ``alphas`` is given by the travelled fraction ``t_k = 1 - prod_{j<k}
 (1 - alpha_j)`` (``t_0 = 0``, ``t_K = 1``): ``"lin"`` (constant speed, ``t_k = k/K``,

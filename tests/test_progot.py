@@ -103,7 +103,7 @@ def test_reference_loop_and_the_ott_bug(x64):
     from ott.solvers.linear import sinkhorn as ott_sinkhorn
     from ott.tools import progot as ott_progot
 
-    x, y = _clouds(jnp.float64)
+    x, y = _clouds(jnp.float64, m=30)  # n = m: the steps and the self problem share a compile
     eps = _eps(x, y)
     alphas = progot_lib.alpha_schedule("lin", K)
     sol = otlab.progot(x, y, num_steps=K, epsilons=eps, solver=LOG64)
@@ -112,20 +112,19 @@ def test_reference_loop_and_the_ott_bug(x64):
     solver = ott_sinkhorn.Sinkhorn(threshold=1e-11, max_iterations=20000)
 
     @jax.jit
-    def ott_step(xk, eps_k, alpha):
-        out = solver(linear_problem.LinearProblem(pointcloud.PointCloud(xk, y, epsilon=eps_k)))
+    def ott_step(xk, yk, eps_k, alpha):
+        out = solver(linear_problem.LinearProblem(pointcloud.PointCloud(xk, yk, epsilon=eps_k)))
         return out.g, (1 - alpha) * xk + alpha * out.to_dual_potentials().transport(xk)
 
     ref_xs = [x]
     for k in range(K):
-        g, x_next = ott_step(ref_xs[-1], eps[k], alphas[k])  # alphas[-1] = 1: x_next = T(x)
+        g, x_next = ott_step(ref_xs[-1], y, eps[k], alphas[k])  # alphas[-1] = 1: x_next = T(x)
         np.testing.assert_allclose(sol.steps.g[k] - sol.steps.g[k].mean(), g - g.mean(), atol=1e-7)
         ref_xs.append(x_next)
     np.testing.assert_allclose(sol.xs[:-1], np.stack(ref_xs[:-1]), atol=1e-7)
     xl = ref_xs[-2]  # the paper's (uncentered) last step:
     np.testing.assert_allclose(sol.last.transport(xl), x_next, atol=1e-7)
-    self_map = solver(linear_problem.LinearProblem(pointcloud.PointCloud(xl, epsilon=eps[-1])))
-    ref_xs[-1] = x_next - self_map.to_dual_potentials().transport(xl) + xl
+    ref_xs[-1] = x_next - ott_step(xl, xl, eps[-1], 1.0)[1] + xl  # U(xl): ott's self map
     np.testing.assert_allclose(sol.xs, np.stack(ref_xs), atol=1e-7)
 
     ours = [sol.step(k).transport for k in range(K)]
@@ -244,7 +243,7 @@ def _run_explicit(x, y, eps, center=True):
 def test_jit_equals_eager_and_nan_status():
     x, y = _clouds(jnp.float32)
     eps = _eps(x, y)
-    # uncentered: the chain under an outer jit (the centered path: vmap, grad, reference)
+    # uncentered: the chain under an outer jit (the centered path: grad, reference, closed forms)
     eager = _run_explicit(x, y, eps, center=False)
     jitted = jax.jit(functools.partial(_run_explicit, center=False))
     out = jitted(x, y, eps)
@@ -264,9 +263,10 @@ def test_vmap_equals_loop():
     xb = jnp.stack([x, 0.8 * x - 0.3])
     yb = jnp.stack([y, y[::-1] + 0.2])
     eb = jnp.stack([eps, 1.5 * eps])
-    batched = jax.vmap(_run_explicit)(xb, yb, eb)
+    run = functools.partial(_run_explicit, center=False)  # as the jit test
+    batched = jax.vmap(run)(xb, yb, eb)
     for i in range(2):
-        single = _run_explicit(xb[i], yb[i], eb[i])
+        single = run(xb[i], yb[i], eb[i])
         assert int(batched[2][i]) == int(single[2]) == Status.SUCCESS
         for a, b in zip(batched[:2] + batched[3:], single[:2] + single[3:], strict=True):
             np.testing.assert_allclose(a[i], b, atol=1e-5)

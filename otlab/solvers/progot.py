@@ -215,14 +215,6 @@ def _auto_epsilons(x, y, b, alphas, cost, block_size, start_scale, scales, holdo
 # ------------------------------------------------------------------------ solution
 
 
-def _last_map(last: OTSolution, centering: OTSolution | None, z: Array) -> Array:
-    """The last step's displacement of ``z``: ``T_{K-1}(z) - z``, or, centered,
-    ``T_{K-1}(z) - U(z)`` with ``U`` the entropic self map of ``x^(K-1)``."""
-    t = last.transport(z)
-    return t - (z if centering is None else centering.transport(z))
-
-
-
 def _take(tree, k):
     return jax.tree.map(lambda leaf: leaf[k], tree)
 
@@ -296,15 +288,16 @@ class ProgOTSolution:
         iterate ``xs[-1]``.
         """
         z = jnp.atleast_2d(z)
-        k = self.num_steps - 1
 
-        def body(z, step):
+        def body(carry, step):
+            z, _, _ = carry
             sol, alpha = step
-            return (1.0 - alpha) * z + alpha * sol.transport(z), None
+            t = sol.transport(z)
+            return ((1.0 - alpha) * z + alpha * t, z, t), None
 
-        head = jax.tree.map(lambda leaf: leaf[:k], (self.steps, self.alphas))
-        z, _ = jax.lax.scan(body, z, head)
-        return z + _last_map(self.last, self.centering, z)
+        # the carry ends with the last step's input z^(K-1) and T_{K-1}(z^(K-1))
+        (_, z, t), _ = jax.lax.scan(body, (z, z, z), (self.steps, self.alphas))
+        return t if self.centering is None else t - self.centering.transport(z) + z
 
     @property
     def cost(self) -> Array:
@@ -349,13 +342,13 @@ def _progot(
     (x_last, _, _), (steps, xs) = jax.lax.scan(step, carry, (alphas, epsilons))
     status = jnp.max(steps.status)
     centering = None
-    if center:  # the last step's map minus the self map of its source: see `_last_map`
+    if center:  # the last step's map minus the self map of its source
         last = _take(steps, -1)
-        f_last = last.f
         centering = solve_self(
-            PointCloud(xs[-1], xs[-1], cost, block_size), a, a, epsilons[-1], (f_last, f_last)
+            PointCloud(xs[-1], xs[-1], cost, block_size), a, a, epsilons[-1], (last.f, last.f)
         )
-        x_last = xs[-1] + alphas[-1] * _last_map(last, centering, xs[-1])
+        # x^(K) = x^(K-1) + alpha_{K-1} (T_{K-1} - U)(x^(K-1))
+        x_last = xs[-1] + alphas[-1] * (last.transport(xs[-1]) - centering.transport(xs[-1]))
         status = jnp.maximum(status, centering.status)
     xs = jnp.concatenate([xs, x_last[None]], axis=0)
     finite = jnp.all(jnp.isfinite(xs)) & jnp.all(jnp.isfinite(epsilons))

@@ -6,7 +6,9 @@ from the source): mean squared error ``E |T_hat(z) - T(z)|^2`` of
 * the one-shot entropic map ``otlab.sinkhorn(PointCloud(x, y), epsilon=s * eps0)
   .transport`` for each ``s`` of a grid (``eps0 = 0.05 * mean C(x, y)``, otlab's
   default epsilon; ``max_iter`` 20000);
-* ``otlab.progot`` with ``epsilons="auto"`` (Algorithm 4), ``"lin"`` schedule, ``K`` steps;
+* ``otlab.progot`` with ``epsilons="auto"`` (Algorithm 4), ``"lin"`` schedule, ``K`` steps
+  (the default centered last step, and ``center=False``: the paper's), and with a
+  constant ``epsilons = s * eps0`` over the same grid (its spread against the one-shot's);
 * ott-jax 0.6.0's ``ProgOT`` (``warm_start=True``) with its own ``get_epsilon_schedule``
   over the same grid of scales (its default epsilon is ``0.05 * std C``), the same
   linear schedule and ``K``, on the same points; its training loop displaces the
@@ -27,28 +29,27 @@ on held-out points.
 Usage::
 
     python -m benchmarks.bench_progot [--quick]
+    python -m benchmarks.bench_progot --accuracy SEED  # the accuracy table alone
+    python -m benchmarks.bench_progot --timing N REPS [--ott-cold | --no-ott]  # timing alone
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+from jax.experimental import checkify
 
 import otlab
 from benchmarks import common
 from otlab.solvers.progot import EPSILON_SCALES as SCALES
 
-#: n of the timing table (10^4 asked; see docs/progot.md for what was feasible).
-TIMING_SIZES = (2000, 4000)
-#: ott-jax's ProgOT is timed up to this n (its log-domain steps and vmapped selection
-#: take minutes per problem beyond it on the shared 2-core machine).
-OTT_MAX_N = 2000
+#: n of the timing table (the issue's 10^4).
+TIMING_SIZES = (10_000,)
 ONE_SHOT_SCALES = (4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)
 
 
@@ -106,10 +107,23 @@ def _mse(a, b) -> float:
     return float(jnp.mean(jnp.sum((a - b) ** 2, axis=-1)))
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps",))
-def _progot_map(x, y, z, num_steps):
-    sol = otlab.progot(x, y, num_steps=num_steps)
+@functools.partial(jax.jit, static_argnames=("num_steps", "center"))
+def _progot_map(x, y, z, num_steps, center=True):
+    sol = otlab.progot(x, y, num_steps=num_steps, center=center)
     return sol.transport(z), sol.status, sol.epsilons
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps",))
+def _progot_const_maps(x, y, z, scales, num_steps):
+    """ProgOT maps of ``z`` with a constant schedule ``epsilons = s * eps0`` for each ``s``."""
+    eps0 = 0.05 * otlab.PointCloud(x, y).mean_cost()
+
+    def one(_, s):
+        eps = jnp.full((num_steps,), s * eps0, x.dtype)
+        sol = otlab.progot(x, y, num_steps=num_steps, epsilons=eps)
+        return None, (sol.transport(z), sol.status)
+
+    return jax.lax.scan(one, None, scales)[1]
 
 
 @jax.jit
@@ -142,13 +156,15 @@ def _ott_progot(x, y, z, num_steps, scales, holdout=5):
     return out, out.transport(z)[1]
 
 
-def accuracy(cases, steps=(8, 4), ott_steps: int = 8) -> str:
-    """One row per problem: one-shot errors over the grid, ProgOT (auto) for each ``K``
-    of ``steps``, ott-jax's ProgOT at ``K = ott_steps``."""
+def accuracy(cases, steps=(8, 4), ott_steps: int = 8, seed: int = 0) -> str:
+    """One row per problem: one-shot errors over the grid; ProgOT (auto) for each ``K``
+    of ``steps``, the paper's uncentered last step and a constant epsilon ``s * eps0``
+    over the same grid at ``K = steps[0]``; ott-jax's ProgOT at ``K = ott_steps``."""
     rows = []
+    grid = jnp.asarray(ONE_SHOT_SCALES, jnp.float32)
     for name, make, d, n in cases:
-        x, y, z, tz = make(0, n, d)
-        oneshot, status = _one_shot_maps(x, y, z, jnp.asarray(ONE_SHOT_SCALES, jnp.float32))
+        x, y, z, tz = make(seed, n, d)
+        oneshot, status = _one_shot_maps(x, y, z, grid)
         errs = np.array([_mse(t, tz) for t in oneshot])
         ref = errs[ONE_SHOT_SCALES.index(1.0)]
         best = errs.min()
@@ -158,6 +174,14 @@ def accuracy(cases, steps=(8, 4), ott_steps: int = 8) -> str:
             e = _mse(tp, tz)
             met = e <= ref and e <= 1.5 * best
             cells += [common.fmt(e), f"{e / best:.2f}", f"{e / ref:.2f}", "yes" if met else "**no**"]
+            if k == steps[0]:
+                tp, _, _ = _progot_map(x, y, z, k, center=False)
+                e = _mse(tp, tz)
+                cells += [f"{common.fmt(e)} ({e / best:.2f}, {e / ref:.2f})"]
+                maps, st_c = _progot_const_maps(x, y, z, grid, k)
+                ec = np.array([_mse(t, tz) for t in maps])
+                cells += [f"{common.fmt(ec.min())}–{common.fmt(ec.max())} "
+                          f"(best s {ONE_SHOT_SCALES[int(np.argmin(ec))]})"]  # fmt: skip
         try:
             _, t_ott = _ott_progot(x, y, z, ott_steps, SCALES)
             e_ott = _mse(t_ott, tz)
@@ -165,15 +189,17 @@ def accuracy(cases, steps=(8, 4), ott_steps: int = 8) -> str:
             print(f"ott-jax ProgOT failed: {exc!r}", file=sys.stderr)
             e_ott = float("nan")
         rows.append([
-            name, d, n, common.fmt(best), ONE_SHOT_SCALES[int(np.argmin(errs))], common.fmt(ref),
-            f"{common.fmt(errs.min())}–{common.fmt(errs.max())}", *cells, common.fmt(e_ott),
-            int(np.sum(np.asarray(status) != 0)),
+            name, d, n, seed, f"{common.fmt(best)} ({ONE_SHOT_SCALES[int(np.argmin(errs))]})",
+            common.fmt(ref), f"{common.fmt(errs.min())}–{common.fmt(errs.max())}", *cells,
+            common.fmt(e_ott), int(np.sum(np.asarray(status) != 0)),
         ])  # fmt: skip
         print(rows[-1], file=sys.stderr, flush=True)
-    head = ["problem", "d", "n", "one-shot best", "best s", "one-shot s=1 (default)",
+    head = ["problem", "d", "n", "seed", "one-shot best (s)", "one-shot s=1 (default)",
             "one-shot range over grid"]  # fmt: skip
     for k in steps:
         head += [f"progot K={k}", "/ best", "/ default", "target met"]
+        if k == steps[0]:
+            head += [f"K={k} uncentered (/ best, / default)", f"K={k} constant s*eps0 over grid"]
     head += [f"ott ProgOT K={ott_steps}", "one-shot not converged"]
     return common.table(head, rows)
 
@@ -193,9 +219,11 @@ def _sinkhorn_solve(x, y, eps):
     return otlab.sinkhorn(otlab.PointCloud(x, y), epsilon=eps)
 
 
-def _ott_timed(x, y, num_steps, tol, holdout=5):
-    """ott-jax's ProgOT, schedule selection (eager: ott marks it not jittable) + solve
-    (jitted, compiled ahead). Returns ``(seconds, solve seconds, output)``."""
+def _ott_callable(x, y, num_steps, tol, holdout=5, warm=True):
+    """ott-jax's ProgOT as one zero-argument callable: its schedule selection (eager:
+    ott marks ``get_epsilon_schedule`` not jittable; its Sinkhorn solves are jitted
+    inside and compiled by the warm-up call) and the solve (jitted, compiled ahead).
+    ``warm=False``: no warm-up; the first call compiles."""
     from ott.geometry import pointcloud
     from ott.problems.linear import linear_problem
     from ott.tools import progot as ott_progot
@@ -209,53 +237,61 @@ def _ott_timed(x, y, num_steps, tol, holdout=5):
             epsilon_scales=jnp.asarray(SCALES), y_eval=y[held], threshold=tol,
         )  # fmt: skip
 
-    @jax.jit
     def solve(x, y, eps):
-        solver = ott_progot.ProgOT(alphas, epsilons=eps)
+        solver = ott_progot.ProgOT(alphas, epsilons=eps)  # its checkify.check: functionalized
         return solver(linear_problem.LinearProblem(pointcloud.PointCloud(x, y)), warm_start=True,
                       threshold=tol)
 
-    eps = common.block(schedule())  # warm-up (compiles the selection's pieces)
-    run = common.compiled(solve, x, y, eps)
-    t0 = time.perf_counter()
-    eps = common.block(schedule())
-    t_sched = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = common.block(run())
-    t_solve = time.perf_counter() - t0
-    return t_sched + t_solve, t_solve, out
+    solve = jax.jit(checkify.checkify(solve))
+    if not warm:  # one cold run: compilation included (an upper bound on its time)
+        return lambda: solve(x, y, common.block(schedule()))[1]
+    exe = solve.lower(x, y, common.block(schedule())).compile()  # warm-up of the selection
+    return lambda: exe(x, y, common.block(schedule()))[1]
 
 
-def timing(sizes, ds=(2, 16), num_steps: int = 8, reps: int = 3, ott: bool = True) -> str:
+def timing(
+    sizes, ds=(2, 16), num_steps: int = 8, reps: int = 3, ott: bool = True, ott_cold: bool = False
+) -> str:
+    """Time to the coupling, interleaved (progot, sinkhorn at progot's last epsilon,
+    ott-jax's ProgOT), medians of ``reps`` warm runs; map MSE on 2000 held-out points.
+    ``ott_cold``: ott-jax's ProgOT is run once after the others, cold (compilation
+    included), where its warm-up alone would take as long as the run (n = 10^4)."""
     rows = []
     for n in sizes:
         for d in ds:
             x, y, z, tz = gaussian(1, n, d)
             prog = common.compiled(_progot_fixed(num_steps), x, y)
-            t_prog, outs = common.time_interleaved({"progot": prog}, reps=reps)
-            sol = outs["progot"]
-            eps_end = sol.epsilons[-1]
-            sk = common.compiled(_sinkhorn_solve, x, y, eps_end)
-            t_sk, outs_sk = common.time_interleaved({"sinkhorn": sk}, reps=reps)
-            e_prog = _mse(sol.transport(z), tz)
-            e_sk = _mse(outs_sk["sinkhorn"].transport(z), tz)
-            if ott and n <= OTT_MAX_N:
-                t_ott, t_ott_solve, out = _ott_timed(x, y, num_steps, 1e-4)
-                e_ott = _mse(out.transport(z)[1], tz)
-            else:
-                t_ott = t_ott_solve = e_ott = float("nan")
+            # a first (warm, compiled) run gives the final epsilon for sinkhorn; with
+            # reps=1 it is the timed run
+            t0, out0 = common.time_interleaved({"progot": prog}, reps=1)
+            eps_end = out0["progot"].epsilons[-1]
+            fns = {"progot": prog, "sinkhorn": common.compiled(_sinkhorn_solve, x, y, eps_end)}
+            if reps == 1:
+                del fns["progot"]
+            if ott and not ott_cold:
+                fns["ott"] = _ott_callable(x, y, num_steps, 1e-4)
+            t, outs = common.time_interleaved(fns, reps=reps)
+            if reps == 1:
+                t, outs = {**t0, **t}, {**out0, **outs}
+            if ott and ott_cold:
+                t_cold, out_cold = common.time_interleaved(
+                    {"ott": _ott_callable(x, y, num_steps, 1e-4, warm=False)}, reps=1
+                )
+                t, outs = {**t, **t_cold}, {**outs, **out_cold}
+            sol, sk = outs["progot"], outs["sinkhorn"]
+            e_prog, e_sk = _mse(sol.transport(z), tz), _mse(sk.transport(z), tz)
+            e_ott = _mse(outs["ott"].transport(z)[1], tz) if ott else float("nan")
+            t_ott = t.get("ott", float("nan"))
             rows.append([
-                n, d, f"{t_prog['progot']:.2f}", int(np.sum(np.asarray(sol.n_iter))),
-                common.fmt(e_prog), f"{t_sk['sinkhorn']:.2f}",
-                int(outs_sk["sinkhorn"].n_iter), common.fmt(e_sk),
-                f"{t_ott:.2f} ({t_ott_solve:.2f})", common.fmt(e_ott),
-                f"{t_ott / t_prog['progot']:.2f}",
+                n, d, reps, f"{t['progot']:.2f}", int(np.sum(np.asarray(sol.n_iter))),
+                common.fmt(e_prog), f"{t['sinkhorn']:.2f}", int(sk.n_iter), common.fmt(e_sk),
+                f"{t_ott:.2f}", common.fmt(e_ott), f"{t_ott / t['progot']:.2f}",
             ])  # fmt: skip
             print(rows[-1], file=sys.stderr, flush=True)
     return common.table(
-        ["n", "d", "progot s", "progot iters (all steps)", "progot map MSE",
+        ["n", "d", "runs", "progot s", "progot iters (all steps)", "progot map MSE",
          "sinkhorn at final eps s", "sinkhorn iters", "sinkhorn map MSE",
-         "ott ProgOT s (solve only)", "ott map MSE", "ott / progot"],
+         "ott ProgOT s", "ott map MSE", "ott / progot time"],
         rows,
     )  # fmt: skip
 
@@ -270,6 +306,7 @@ def main(quick: bool = False) -> str:
     parts = [
         "### Map accuracy (lin schedule, epsilons='auto'; MSE on 2000 held-out points)\n\n"
         + accuracy(cases),
+        "### Map accuracy, fresh seed\n\n" + accuracy(cases, steps=(8,), seed=1),
         "### Time to the coupling (K = 8)\n\n" + timing(TIMING_SIZES),
     ]
     return "\n\n".join(parts)
@@ -280,4 +317,15 @@ def run(quick: bool = False) -> str:
 
 
 if __name__ == "__main__":
-    print(run(quick="--quick" in sys.argv))
+    if "--accuracy" in sys.argv:  # --accuracy SEED: the accuracy table alone
+        seed = int(sys.argv[sys.argv.index("--accuracy") + 1])
+        cases = [("gauss", gaussian, d, 1000) for d in (2, 8, 32)] + [
+            ("convex", nongaussian, d, 1000) for d in (2, 8)
+        ]
+        print(common.machine() + "\n\n" + accuracy(cases, seed=seed))
+    elif "--timing" in sys.argv:  # --timing N REPS: the timing table alone
+        n, reps = (int(v) for v in sys.argv[sys.argv.index("--timing") + 1:][:2])
+        cold, ott = "--ott-cold" in sys.argv, "--no-ott" not in sys.argv
+        print(common.machine() + "\n\n" + timing([n], reps=reps, ott=ott, ott_cold=cold))
+    else:
+        print(run(quick="--quick" in sys.argv))

@@ -94,14 +94,16 @@ def test_recursion_default_path():
 
 def test_reference_loop_and_the_ott_bug(x64):
     """Against a ProgOT loop written on ott-jax's Sinkhorn with the correct recursion
-    (same explicit schedules): same iterates and potentials. ott-jax 0.6.0's own
-    ``ProgOT`` displaces the original points: `recursion_gap` catches it."""
+    (same explicit schedules): same iterates and potentials, and the centered last
+    step ``x^(K) = x^(K-1) + T_{K-1}(x^(K-1)) - U(x^(K-1))`` with ``U`` ott-jax's
+    entropic self map of ``x^(K-1)``. ott-jax 0.6.0's own ``ProgOT`` displaces the
+    original points: `recursion_gap` catches it."""
     from ott.geometry import pointcloud
     from ott.problems.linear import linear_problem
     from ott.solvers.linear import sinkhorn as ott_sinkhorn
     from ott.tools import progot as ott_progot
 
-    x, y = _clouds(jnp.float64)
+    x, y = _clouds(jnp.float64, m=30)  # n = m: the steps and the self problem share a compile
     eps = _eps(x, y)
     alphas = progot_lib.alpha_schedule("lin", K)
     sol = otlab.progot(x, y, num_steps=K, epsilons=eps, solver=LOG64)
@@ -110,15 +112,19 @@ def test_reference_loop_and_the_ott_bug(x64):
     solver = ott_sinkhorn.Sinkhorn(threshold=1e-11, max_iterations=20000)
 
     @jax.jit
-    def ott_step(xk, eps_k, alpha):
-        out = solver(linear_problem.LinearProblem(pointcloud.PointCloud(xk, y, epsilon=eps_k)))
+    def ott_step(xk, yk, eps_k, alpha):
+        out = solver(linear_problem.LinearProblem(pointcloud.PointCloud(xk, yk, epsilon=eps_k)))
         return out.g, (1 - alpha) * xk + alpha * out.to_dual_potentials().transport(xk)
 
-    xk, ref_xs = x, [x]
+    ref_xs = [x]
     for k in range(K):
-        g, xk = ott_step(xk, eps[k], alphas[k])
+        g, x_next = ott_step(ref_xs[-1], y, eps[k], alphas[k])  # alphas[-1] = 1: x_next = T(x)
         np.testing.assert_allclose(sol.steps.g[k] - sol.steps.g[k].mean(), g - g.mean(), atol=1e-7)
-        ref_xs.append(xk)
+        ref_xs.append(x_next)
+    np.testing.assert_allclose(sol.xs[:-1], np.stack(ref_xs[:-1]), atol=1e-7)
+    xl = ref_xs[-2]  # the paper's (uncentered) last step:
+    np.testing.assert_allclose(sol.last.transport(xl), x_next, atol=1e-7)
+    ref_xs[-1] = x_next - ott_step(xl, xl, eps[-1], 1.0)[1] + xl  # U(xl): ott's self map
     np.testing.assert_allclose(sol.xs, np.stack(ref_xs), atol=1e-7)
 
     ours = [sol.step(k).transport for k in range(K)]
@@ -133,6 +139,20 @@ def test_reference_loop_and_the_ott_bug(x64):
         for k in range(K)
     ]
     assert recursion_gap(ott_xs, alphas, ott_maps) > 1e-2  # the bug, caught
+
+
+def test_centered_last_step_is_the_identity_on_the_target():
+    """From ``x = y`` a single step (the last) moves nothing when centered: ``T_0`` and
+    the self map ``U`` solve the same problem. The plain entropic map pulls points in."""
+    _, y = _clouds(jnp.float32)
+    eps = _eps(y, y)[:1]
+    z = y[:5] + 0.05
+    centered = otlab.progot(y, y, num_steps=1, epsilons=eps, solver=LOG)
+    assert bool(centered.converged)
+    # to the solvers' tolerance (1e-5 on the marginals; the two solves start differently)
+    np.testing.assert_allclose(centered.transport(z), z, atol=2e-3)
+    np.testing.assert_allclose(centered.xs[-1], y, atol=2e-3)
+    assert float(jnp.max(jnp.abs(centered.last.transport(z) - z))) > 5e-2  # plain T_0
 
 
 # ----------------------------------------------------------------- closed forms
@@ -215,16 +235,17 @@ def test_convex_gradient_map():
 # --------------------------------------------------------- jit, vmap, grad, online
 
 
-def _run_explicit(x, y, eps):
-    sol = otlab.progot(x, y, num_steps=K, epsilons=eps, solver=LOG)
+def _run_explicit(x, y, eps, center=True):
+    sol = otlab.progot(x, y, num_steps=K, epsilons=eps, solver=LOG, center=center)
     return sol.xs, sol.steps.g, sol.status, sol.transport(x[:5] + 0.1)
 
 
 def test_jit_equals_eager_and_nan_status():
     x, y = _clouds(jnp.float32)
     eps = _eps(x, y)
-    eager = _run_explicit(x, y, eps)
-    jitted = jax.jit(_run_explicit)
+    # uncentered: the chain under an outer jit (the centered path: grad, reference, closed forms)
+    eager = _run_explicit(x, y, eps, center=False)
+    jitted = jax.jit(functools.partial(_run_explicit, center=False))
     out = jitted(x, y, eps)
     assert int(out[2]) == int(eager[2]) == Status.SUCCESS
     for a, b in zip(out[:2] + out[3:], eager[:2] + eager[3:], strict=True):
@@ -242,9 +263,10 @@ def test_vmap_equals_loop():
     xb = jnp.stack([x, 0.8 * x - 0.3])
     yb = jnp.stack([y, y[::-1] + 0.2])
     eb = jnp.stack([eps, 1.5 * eps])
-    batched = jax.vmap(_run_explicit)(xb, yb, eb)
+    run = functools.partial(_run_explicit, center=False)  # as the jit test
+    batched = jax.vmap(run)(xb, yb, eb)
     for i in range(2):
-        single = _run_explicit(xb[i], yb[i], eb[i])
+        single = run(xb[i], yb[i], eb[i])
         assert int(batched[2][i]) == int(single[2]) == Status.SUCCESS
         for a, b in zip(batched[:2] + batched[3:], single[:2] + single[3:], strict=True):
             np.testing.assert_allclose(a[i], b, atol=1e-5)
@@ -275,12 +297,14 @@ def test_grad_matches_finite_differences(x64):
 
 
 def test_online_and_sns_match_dense(x64):
-    """Online (blocked) point clouds and SNS steps give the dense Sinkhorn answer."""
+    """Online (blocked) point clouds and SNS steps give the dense Sinkhorn answer
+    (uncentered: the steps' engines; centering is one more solve of the same kind)."""
     x, y = _clouds(jnp.float64)
     eps = _eps(x, y)
-    dense = otlab.progot(x, y, num_steps=K, epsilons=eps, solver=LOG64)
-    online = otlab.progot(x, y, num_steps=K, epsilons=eps, solver=LOG64, block_size=16)
-    newton = otlab.progot(x, y, num_steps=K, epsilons=eps, solver="sns")
+    opts = dict(num_steps=K, epsilons=eps, center=False)
+    dense = otlab.progot(x, y, solver=LOG64, **opts)
+    online = otlab.progot(x, y, solver=LOG64, block_size=16, **opts)
+    newton = otlab.progot(x, y, solver="sns", **opts)
     for other in (online, newton):
         assert bool(other.converged)
         np.testing.assert_allclose(other.xs, dense.xs, atol=1e-7)

@@ -18,9 +18,26 @@ projection of the plan on the training points) and moves the points a fraction
 
 * the coupling: the last step's plan ``P_{K-1}``; its rows are the source points in
   their original order (the iterates are the source points, displaced);
-* the map of new points ``z -> T_{K-1}(S_{K-2}(... S_0(z)))``
+* the map of new points ``z -> T~_{K-1}(S_{K-2}(... S_0(z)))``
   (`ProgOTSolution.transport`); on the training points it is the last iterate
   ``x^(K)`` when ``alpha_{K-1} = 1`` (every named schedule).
+
+Centered last step (``center=True``, the default; ``False`` is the paper's plain map).
+The last problem is between ``x^(K-1)``, already close to ``y``, and ``y``: a nearly
+self-to-self problem, whose entropic map carries the bias of an entropic self map (it
+pulls points towards local means, a contraction of order ``epsilon`` times the inverse
+local covariance). The last step therefore uses the centered map (Pooladian, Cuturi &
+Niles-Weed, "Debiaser beware", ICML 2022)
+
+$$ \tilde T_{K-1}(z) = T_{K-1}(z) - U(z) + z, $$
+
+``U`` the entropic map of ``OT_{eps_{K-1}}(x^(K-1), x^(K-1))`` (one more solve, a self
+problem: Sinkhorn's symmetric update). To first order in ``epsilon`` the bias cancels,
+and the last step is exactly the identity when ``x^(K-1) = y``. Only the last step is
+centered: centering an intermediate step moves the training iterates by the in-sample
+self map (a point matched to itself) and new points by the out-of-sample one, so the
+next steps are fitted on iterates that new points do not follow (measured worse, see
+docs/progot.md).
 
 Schedules. ``alphas`` is given by the travelled fraction ``t_k = 1 - prod_{j<k}
 (1 - alpha_j)`` (``t_0 = 0``, ``t_K = 1``): ``"lin"`` (constant speed, ``t_k = k/K``,
@@ -59,6 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -70,7 +88,7 @@ from otlab import _checks, implicit
 from otlab import costs as costs_lib
 from otlab.geometry import PointCloud
 from otlab.solution import OTSolution, Status
-from otlab.solvers.sinkhorn import sinkhorn
+from otlab.solvers.sinkhorn import _checked_sinkhorn, sinkhorn
 from otlab.solvers.sns import sns
 
 __all__ = ["ProgOTSolution", "alpha_schedule", "progot"]
@@ -83,6 +101,13 @@ EPSILON_SCALES = (4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
 #: A solver: ``"sinkhorn"``, ``"sns"`` or a static callable
 #: ``solver(geom, a, b, *, epsilon, init) -> OTSolution``.
 Solver = str | Callable[..., OTSolution]
+
+#: `otlab.sinkhorn`'s keyword defaults: the centering self problem is solved with the
+#: steps' options through its private symmetric mode.
+_SINKHORN_DEFAULTS = {
+    k: p.default for k, p in inspect.signature(sinkhorn).parameters.items()
+    if p.kind is p.KEYWORD_ONLY
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------- schedules
@@ -120,17 +145,31 @@ def _travelled(alphas: Array) -> Array:
     return 1.0 - jnp.concatenate([jnp.ones((1,), alphas.dtype), stay[:-1]])
 
 
-def _step_solver(solver: Solver, tol, max_iter, implicit_diff) -> Callable:
-    """``solve(geom, a, b, epsilon, init) -> OTSolution`` for a static choice of solver."""
+def _step_solver(solver: Solver, tol, max_iter, implicit_diff) -> tuple[Callable, Callable]:
+    """``(solve, solve_self)``, each ``(geom, a, b, epsilon, init) -> OTSolution``, for a
+    static choice of solver; ``solve_self`` is for self problems ``OT(a, a)`` (Sinkhorn's
+    symmetric update when the cost is symmetric, which converges where alternating
+    Sinkhorn stalls on nearly diagonal plans)."""
     if callable(solver):
-        return lambda geom, a, b, eps, init: solver(geom, a, b, epsilon=eps, init=init)
+        solve = lambda geom, a, b, eps, init: solver(geom, a, b, epsilon=eps, init=init)  # noqa: E731
+        return solve, solve
     opts: dict[str, Any] = dict(implicit_diff=implicit_diff)
     if tol is not None:
         opts["tol"] = tol
     if max_iter is not None:
         opts["max_iter"] = max_iter
     fn = sinkhorn if solver == "sinkhorn" else sns
-    return lambda geom, a, b, eps, init: fn(geom, a, b, epsilon=eps, init=init, **opts)
+    solve = lambda geom, a, b, eps, init: fn(geom, a, b, epsilon=eps, init=init, **opts)  # noqa: E731
+    if solver == "sns":
+        return solve, solve
+
+    def solve_self(geom, a, b, eps, init):
+        if not geom.cost.symmetric:
+            return solve(geom, a, b, eps, init)
+        kw = {**_SINKHORN_DEFAULTS, **opts, "epsilon": eps, "init": init, "mode": "symmetric"}
+        return _checked_sinkhorn(geom, a, b, **kw)
+
+    return solve, solve_self
 
 
 def _holdout_split(m: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +191,7 @@ def _end_epsilon(y, b, cost, block_size, scales, holdout, solve):
     grid = jnp.asarray(np.asarray(scales)[order], y.dtype)
 
     def body(g0, s):
-        sol = solve(geom, b_tr, b_tr, s * eps_yy, (jnp.zeros_like(g0), g0))
+        sol = solve(geom, b_tr, b_tr, s * eps_yy, (g0, g0))
         err = jnp.sum(w_ev * jnp.sum((sol.transport(y_ev) - y_ev) ** 2, axis=-1))
         ok = jnp.isfinite(err) & jnp.all(jnp.isfinite(sol.g))
         return jnp.where(ok, sol.g, g0), jnp.where(ok, err, jnp.inf)
@@ -189,6 +228,8 @@ class ProgOTSolution:
         steps: the per-step `OTSolution` objects stacked along a leading axis of length
             ``K`` (``steps.f``, ``steps.g``, ``steps.epsilon``, ``steps.status``,
             ``steps.n_iter``, ...; ``steps.geom.x[k]`` is ``x^(k)``). `step` takes one.
+        centering: ``center=True``: the self problem ``OT(x^(K-1), x^(K-1))`` at the
+            last epsilon, whose map ``U`` centers the last step's; ``None`` otherwise.
         xs: ``(K + 1, n, d)`` iterates ``x^(0) = x, ..., x^(K)``.
         alphas: ``(K,)`` step sizes.
         epsilons: ``(K,)`` entropic regularisations.
@@ -199,6 +240,7 @@ class ProgOTSolution:
     """
 
     steps: OTSolution
+    centering: OTSolution | None
     xs: Array
     alphas: Array
     epsilons: Array
@@ -238,22 +280,24 @@ class ProgOTSolution:
         return self.last.apply(v, axis)
 
     def transport(self, z: Array) -> Array:
-        """ProgOT map of points ``z`` (``(k, d)``): ``T_{K-1}(S_{K-2}(... S_0(z)))``.
+        """ProgOT map of points ``z`` (``(k, d)``): ``T~_{K-1}(S_{K-2}(... S_0(z)))``.
 
         Points are moved through the steps as the training points were; new points
-        only read the potentials. On ``z = x`` with ``alphas[-1] == 1`` it returns the
-        last iterate ``xs[-1]``.
+        only read the potentials. ``T~_{K-1}`` is the last step's map, centered when
+        `centering` is set. On ``z = x`` with ``alphas[-1] == 1`` it returns the last
+        iterate ``xs[-1]``.
         """
         z = jnp.atleast_2d(z)
 
         def body(carry, step):
-            z, _ = carry
+            z, _, _ = carry
             sol, alpha = step
             t = sol.transport(z)
-            return ((1.0 - alpha) * z + alpha * t, t), None
+            return ((1.0 - alpha) * z + alpha * t, z, t), None
 
-        (_, t), _ = jax.lax.scan(body, (z, z), (self.steps, self.alphas))
-        return t
+        # the carry ends with the last step's input z^(K-1) and T_{K-1}(z^(K-1))
+        (_, z, t), _ = jax.lax.scan(body, (z, z, z), (self.steps, self.alphas))
+        return t if self.centering is None else t - self.centering.transport(z) + z
 
     @property
     def cost(self) -> Array:
@@ -269,17 +313,18 @@ class ProgOTSolution:
     jax.jit,
     static_argnames=(
         "auto", "block_size", "solver", "tol", "max_iter", "warm_start", "epsilon_scales",
-        "holdout", "implicit_diff",
+        "holdout", "center", "implicit_diff",
     ),
 )  # fmt: skip
 def _progot(
     x, y, a, b, alphas, epsilons, cost, epsilon_start_scale, *, auto, block_size, solver, tol,
-    max_iter, warm_start, epsilon_scales, holdout, implicit_diff,
+    max_iter, warm_start, epsilon_scales, holdout, center, implicit_diff,
 ):  # fmt: skip
-    solve = _step_solver(solver, tol, max_iter, implicit_diff)
+    solve, solve_self = _step_solver(solver, tol, max_iter, implicit_diff)
     if auto:
         epsilons, sel_errors = _auto_epsilons(
-            x, y, b, alphas, cost, block_size, epsilon_start_scale, epsilon_scales, holdout, solve
+            x, y, b, alphas, cost, block_size, epsilon_start_scale, epsilon_scales, holdout,
+            solve_self,
         )
     else:
         sel_errors = jnp.zeros((0,), x.dtype)
@@ -295,12 +340,21 @@ def _progot(
 
     carry = (x, jnp.zeros(a.shape, x.dtype), jnp.zeros(b.shape, x.dtype))
     (x_last, _, _), (steps, xs) = jax.lax.scan(step, carry, (alphas, epsilons))
+    status = jnp.max(steps.status)
+    centering = None
+    if center:  # the last step's map minus the self map of its source
+        last = _take(steps, -1)
+        centering = solve_self(
+            PointCloud(xs[-1], xs[-1], cost, block_size), a, a, epsilons[-1], (last.f, last.f)
+        )
+        # x^(K) = x^(K-1) + alpha_{K-1} (T_{K-1} - U)(x^(K-1))
+        x_last = xs[-1] + alphas[-1] * (last.transport(xs[-1]) - centering.transport(xs[-1]))
+        status = jnp.maximum(status, centering.status)
     xs = jnp.concatenate([xs, x_last[None]], axis=0)
     finite = jnp.all(jnp.isfinite(xs)) & jnp.all(jnp.isfinite(epsilons))
-    status = jnp.max(steps.status)
     status = jnp.where(finite, status, jnp.maximum(status, Status.NONFINITE))
     status = jnp.where(jnp.any(epsilons <= 0), Status.INFEASIBLE, status).astype(jnp.int32)
-    return ProgOTSolution(steps, xs, alphas, epsilons, sel_errors, status)
+    return ProgOTSolution(steps, centering, xs, alphas, epsilons, sel_errors, status)
 
 
 def _schedule_array(value, name: str, num_steps: int, dtype, upper: float | None):
@@ -338,6 +392,7 @@ def progot(
     epsilon_start_scale: float | Array = 1.0,
     epsilon_scales: tuple[float, ...] = EPSILON_SCALES,
     holdout: int = 5,
+    center: bool = True,
     implicit_diff: implicit.ImplicitDiff = implicit.DEFAULT,
 ) -> ProgOTSolution:
     """Progressive entropic OT between point clouds (see the module docstring).
@@ -367,6 +422,9 @@ def progot(
             searched by ``epsilons="auto"``.
         holdout: static. ``epsilons="auto"`` holds out every ``holdout``-th target
             point to measure map errors (``2 <= holdout <= m``).
+        center: static. Center the last step's map: ``T_{K-1}(z) - U(z) + z`` with ``U``
+            the entropic self map of ``x^(K-1)`` at ``epsilons[-1]`` (one more solve,
+            a self problem); ``False``: the paper's plain ``T_{K-1}``.
         implicit_diff: static options of the per-step implicit differentiation.
 
     Returns:
@@ -440,5 +498,5 @@ def progot(
         auto=auto, block_size=block_size, solver=solver,
         tol=None if tol is None else float(tol), max_iter=None if max_iter is None else int(max_iter),
         warm_start=bool(warm_start), epsilon_scales=scales, holdout=int(holdout),
-        implicit_diff=implicit_diff,
+        center=bool(center), implicit_diff=implicit_diff,
     )  # fmt: skip

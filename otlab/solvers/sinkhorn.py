@@ -837,7 +837,7 @@ def _divergence(gxy, a, b, epsilon, *, init_fn, tol, max_iter, check_every, mode
     zero-weight points (exact: zero weights change neither values nor gradients), and
     solved by one ``lax.map`` over a single traced solve (whose self problems take the
     symmetric update by a traced flag): XLA compiles one solver loop instead of three
-    (measured at 300 x 400: 1.6-1.7x ott-jax's compile time instead of 3.0x, for 1.3x the
+    (measured at 300 x 400: 1.5-1.6x ott-jax's compile time instead of 3.0x, for 1.3x the
     warm time of three separate solves). Otherwise three solves are traced.
     """
     if epsilon is None:

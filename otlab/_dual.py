@@ -247,8 +247,9 @@ def complete(problem: Problem, f: Array, g: Array) -> tuple[Array, Array, Array]
       with ``log 0`` the finite `safe_log`): the one-sided derivative of the
       problem's value in that weight, and what every engine and solver returns;
     * ``marginal_error``, the L1 norm of the optimality residual of the returned
-      ``(f, g)`` (NaN if they are not finite) re-evaluated in the log domain (max-shifted log-sum-exp passes),
-      whatever the solver's own estimate was (a scaled kernel can underestimate it).
+      ``(f, g)`` re-evaluated in the log domain (max-shifted log-sum-exp passes; NaN
+      if the potentials are not finite), whatever the solver's own estimate was (a
+      scaled kernel can underestimate it).
       The change of the columns at zero weights moves the rows by at most the
       change of those columns' mass, which is added: a bound, not an estimate.
     """

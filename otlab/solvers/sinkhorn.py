@@ -83,7 +83,7 @@ class _KernelState(NamedTuple):
     ku: Array  # u K~ (for the current u)
     op: Any  # PlanOperator of K~
     eps: Array
-    stale: Array  # a guard tripped inside the block: absorb before continuing
+    stale: Array  # block discarded or verification failed: absorb safely before continuing
     grown: Array  # the scalings passed 3/4 of the bound: rebuild before the next block
 
 

@@ -866,10 +866,13 @@ def _divergence(gxy, a, b, epsilon, *, init_fn, tol, max_iter, check_every, mode
 
     def value(sol: OTSolution, x, y, a, b) -> Array:
         """``sol.reg_cost`` (NaN unless the solve converged), differentiated by the
-        envelope theorem (`otlab._dual.reg_cost` at the live inputs): no backward linear
+        envelope theorem (the dual objective at the live inputs): no backward linear
         solve is compiled or run (as ott-jax's divergence, ``use_danskin``)."""
         theta = (dataclasses.replace(gxy, x=x, y=y), a, b, epsilon, one, one)
-        env = _dual.reg_cost(sol.f, sol.g, theta)
+        # (sol.f, sol.g are constants here: the solves ran on stop_gradient inputs, so
+        # the plain objective differentiates as the envelope; `otlab._dual.reg_cost`'s
+        # custom_jvp would trace the objective a second time)
+        env = _dual._reg_cost(sol.f, sol.g, theta)
         # the primal form's pass on the same (constant) inputs as the dual's, not the
         # solver's copies of them: XLA then shares the cost matrix
         sol = dataclasses.replace(sol, geom=jax.lax.stop_gradient(theta[0]))
@@ -888,8 +891,9 @@ def _divergence(gxy, a, b, epsilon, *, init_fn, tol, max_iter, check_every, mode
         stack = lambda *z: jnp.stack(z)  # noqa: E731
         args = (stack(xp, xp, yp), stack(yp, xp, yp), stack(ap, ap, bp), stack(bp, ap, bp))
         flags = jnp.asarray([False, True, True])
+        # (constants before the map: differentiation then never traces the map's body)
         sols = jax.lax.map(lambda z: solve(*z[:4], sym=z[4] if symmetric_cost else False),
-                           (*args, flags))  # fmt: skip
+                           (*jax.lax.stop_gradient(args), flags))  # fmt: skip
         values = jax.vmap(value)(sols, *args)
         status = sols.status
     else:

@@ -248,6 +248,19 @@ class ShardedGeometry(_GeometryBase):
             (g, jnp.asarray(epsilon)),
         )
 
+    def plan_cost_at(self, f, g, epsilon, x_cost):
+        """``<C(x_cost, y), P>`` (`otlab.PointCloud.plan_cost_at`): ``x_cost`` split like
+        ``x``, per-device partial sums, one ``psum``."""
+        if not isinstance(self.inner, PointCloud):
+            raise ValueError("`plan_cost_at` needs a PointCloud geometry (points and a cost).")
+        names = self._names()
+        return self._smap(
+            lambda geom, f, xc, g, e: jax.lax.psum(geom.plan_cost_at(f, g, e, xc), names),
+            P(),
+            (f, x_cost),
+            (g, jnp.asarray(epsilon)),
+        )
+
     def mean_cost(self):
         names, k = self._names(), self.n_shards
         # equal shards: the global mean is the mean of the per-device means

@@ -337,6 +337,7 @@ def test_online_and_sns_match_dense(x64):
         (dict(holdout=1), "`holdout`"),
         (dict(epsilon_scales=()), "`epsilon_scales`"),
         (dict(epsilon_start_scale=0.0), "`epsilon_start_scale`"),
+        (dict(mesh="points"), "`mesh` must be a jax.sharding.Mesh"),
     ],
 )
 def test_bad_inputs_raise_before_tracing(kwargs, match):

@@ -72,6 +72,17 @@ def test_sharded_solve_equals_single_device(eight_devices, name):
     assert r["f_split"], "the potential f should come back split over the 8 devices"
 
 
+def test_sharded_progot_equals_single_device(eight_devices):
+    # every step's problem split over the devices (``progot(mesh=...)``): iterates,
+    # potentials, the coupling's cost and the map of new points as on one device
+    r = eight_devices["equality"]["progot_online"]
+    for key in ("xs", "f", "g", "cost", "transport"):
+        assert r[key] <= 1e-6, (key, r)
+    assert r["n_iter"][0] == r["n_iter"][1] and r["status"] == [0, 0], r
+    assert r["f_split"], "the steps' potentials f should come back split over the 8 devices"
+    assert "multiple of the mesh's 8 devices" in eight_devices["equality"]["progot_bad_rows"]
+
+
 @pytest.mark.parametrize("name", ["grad_dense", "grad_log_online"])
 def test_sharded_gradients_equal_single_device(eight_devices, name):
     r = eight_devices["equality"]

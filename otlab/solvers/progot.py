@@ -179,13 +179,24 @@ def _holdout_split(m: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
     return idx[~held], idx[held]
 
 
-def _end_epsilon(y, b, cost, block_size, scales, holdout, solve):
+def _cloud(x, y, *, cost, block_size, mesh):
+    """The point cloud of one problem: split by rows over ``mesh`` (`otlab.sharding`)
+    when there is one and the rows divide evenly, else on one device."""
+    geom = PointCloud(x, y, cost, block_size)
+    if mesh is None or x.shape[0] % mesh.size:
+        return geom
+    from otlab import sharding
+
+    return sharding.shard(geom, mesh)
+
+
+def _end_epsilon(y, b, cloud, scales, holdout, solve):
     """Algorithm 4's last epsilon and the held-out error of each scale of ``scales``."""
     train, held = _holdout_split(y.shape[0], holdout)
     y_tr, y_ev = y[train], y[held]
     b_tr = b[train] / jnp.sum(b[train])
     w_ev = b[held] / jnp.sum(b[held])
-    geom = PointCloud(y_tr, y_tr, cost, block_size)
+    geom = cloud(y_tr, y_tr)
     eps_yy = 0.05 * geom.mean_cost()
     order = np.argsort(-np.asarray(scales))  # largest first: warm starts go downhill
     grid = jnp.asarray(np.asarray(scales)[order], y.dtype)
@@ -204,10 +215,10 @@ def _end_epsilon(y, b, cost, block_size, scales, holdout, solve):
     return end, errors
 
 
-def _auto_epsilons(x, y, b, alphas, cost, block_size, start_scale, scales, holdout, solve):
+def _auto_epsilons(x, y, b, alphas, cloud, start_scale, scales, holdout, solve):
     x, y, b = jax.lax.stop_gradient((x, y, b))
-    end, errors = _end_epsilon(y, b, cost, block_size, scales, holdout, solve)
-    start = start_scale * 0.05 * PointCloud(x, y, cost, block_size).mean_cost()
+    end, errors = _end_epsilon(y, b, cloud, scales, holdout, solve)
+    start = start_scale * 0.05 * cloud(x, y).mean_cost()
     t = _travelled(alphas)
     return jax.lax.stop_gradient((1.0 - t) * start + t * end), jax.lax.stop_gradient(errors)
 
@@ -313,18 +324,18 @@ class ProgOTSolution:
     jax.jit,
     static_argnames=(
         "auto", "block_size", "solver", "tol", "max_iter", "warm_start", "epsilon_scales",
-        "holdout", "center", "implicit_diff",
+        "holdout", "center", "implicit_diff", "mesh",
     ),
 )  # fmt: skip
 def _progot(
     x, y, a, b, alphas, epsilons, cost, epsilon_start_scale, *, auto, block_size, solver, tol,
-    max_iter, warm_start, epsilon_scales, holdout, center, implicit_diff,
+    max_iter, warm_start, epsilon_scales, holdout, center, implicit_diff, mesh,
 ):  # fmt: skip
     solve, solve_self = _step_solver(solver, tol, max_iter, implicit_diff)
+    cloud = functools.partial(_cloud, cost=cost, block_size=block_size, mesh=mesh)
     if auto:
         epsilons, sel_errors = _auto_epsilons(
-            x, y, b, alphas, cost, block_size, epsilon_start_scale, epsilon_scales, holdout,
-            solve_self,
+            x, y, b, alphas, cloud, epsilon_start_scale, epsilon_scales, holdout, solve_self
         )
     else:
         sel_errors = jnp.zeros((0,), x.dtype)
@@ -332,7 +343,7 @@ def _progot(
     def step(carry, inp):
         xk, f0, g0 = carry
         alpha, eps = inp
-        sol = solve(PointCloud(xk, y, cost, block_size), a, b, eps, (f0, g0))
+        sol = solve(cloud(xk, y), a, b, eps, (f0, g0))
         x_next = (1.0 - alpha) * xk + alpha * sol.transport(xk)
         if warm_start:
             f0, g0 = (1.0 - alpha) * sol.f, (1.0 - alpha) * sol.g
@@ -344,9 +355,7 @@ def _progot(
     centering = None
     if center:  # the last step's map minus the self map of its source
         last = _take(steps, -1)
-        centering = solve_self(
-            PointCloud(xs[-1], xs[-1], cost, block_size), a, a, epsilons[-1], (last.f, last.f)
-        )
+        centering = solve_self(cloud(xs[-1], xs[-1]), a, a, epsilons[-1], (last.f, last.f))
         # x^(K) = x^(K-1) + alpha_{K-1} (T_{K-1} - U)(x^(K-1))
         x_last = xs[-1] + alphas[-1] * (last.transport(xs[-1]) - centering.transport(xs[-1]))
         status = jnp.maximum(status, centering.status)
@@ -394,6 +403,7 @@ def progot(
     holdout: int = 5,
     center: bool = True,
     implicit_diff: implicit.ImplicitDiff = implicit.DEFAULT,
+    mesh: Any = None,
 ) -> ProgOTSolution:
     """Progressive entropic OT between point clouds (see the module docstring).
 
@@ -426,6 +436,12 @@ def progot(
             the entropic self map of ``x^(K-1)`` at ``epsilons[-1]`` (one more solve,
             a self problem); ``False``: the paper's plain ``T_{K-1}``.
         implicit_diff: static options of the per-step implicit differentiation.
+        mesh: static ``jax.sharding.Mesh`` or ``None``. With a mesh every step's
+            problem, and the centering self problem, runs with the iterate's rows split
+            over the mesh's devices (`otlab.sharding.shard`: only vectors of length
+            ``n`` or ``m`` cross devices); ``n`` must be a multiple of ``mesh.size``.
+            The target's self problems of ``epsilons="auto"`` are split too when their
+            ``m - m // holdout`` rows divide evenly, else run on every device.
 
     Returns:
         ProgOTSolution: the coupling (`ProgOTSolution.plan`), the map
@@ -493,10 +509,18 @@ def progot(
         raise ValueError(f"`holdout` must be an int in [2, m={m}]; got {holdout!r}.")
     if not isinstance(implicit_diff, implicit.ImplicitDiff):
         raise ValueError("`implicit_diff` must be an otlab.ImplicitDiff.")
+    if mesh is not None:
+        if not isinstance(mesh, jax.sharding.Mesh):
+            raise ValueError(f"`mesh` must be a jax.sharding.Mesh or None; got {type(mesh).__name__}.")
+        if n % mesh.size:
+            raise ValueError(
+                f"`x` has {n} points, which must be a multiple of the mesh's {mesh.size} "
+                "devices when `mesh` is given (pad with zero-weight points: otlab.pad_batch)."
+            )
     return _progot(
         x, y, a, b, alphas, epsilons, costs_lib.as_cost(cost), epsilon_start_scale,
         auto=auto, block_size=block_size, solver=solver,
         tol=None if tol is None else float(tol), max_iter=None if max_iter is None else int(max_iter),
         warm_start=bool(warm_start), epsilon_scales=scales, holdout=int(holdout),
-        center=bool(center), implicit_diff=implicit_diff,
+        center=bool(center), implicit_diff=implicit_diff, mesh=mesh,
     )  # fmt: skip

@@ -780,9 +780,12 @@ def _running_topk_cols(geom, f: Array, g: Array, k: int) -> Array:
     fp = jnp.pad(f, (0, pad), constant_values=-jnp.inf)  # padded rows never selected
     rows = jnp.arange(nb * bs, dtype=jnp.int32)
     kk = min(k, n)
+    # (zeros computed from ``f``: inside ``shard_map`` (`otlab.sharding`) the carry then
+    # varies over the devices like the body's output, as a scan requires)
+    zero = jnp.where(jnp.isnan(f[:1]), 0.0, 0.0)[:, None]
     init = (
-        jnp.full((m, kk), -jnp.inf, f.dtype),
-        jnp.zeros((m, kk), jnp.int32),
+        jnp.full((m, kk), -jnp.inf, f.dtype) + zero,
+        jnp.zeros((m, kk), jnp.int32) + zero.astype(jnp.int32),
     )
 
     def body(carry, blk):

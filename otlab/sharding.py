@@ -283,6 +283,47 @@ class ShardedGeometry(_GeometryBase):
             (g, jnp.asarray(epsilon)),
         )
 
+    def topk(self, f: Array, g: Array, k: int, axis: int = 0) -> Array:
+        """`otlab.PointCloud.topk`: indices of the ``k`` largest scores ``f_i + g_j - C_ij``
+        of each column (``axis=0``, global row indices, replicated) or each row
+        (``axis=1``, split like ``x``). A column's top-``k`` is each device's top-``k``
+        of its rows, merged: one all-gather of ``D x m x k`` candidates (scores and
+        indices), never the cost or the plan."""
+        f, g = jax.lax.stop_gradient(f), jax.lax.stop_gradient(g)
+        if axis == 1:
+            return self._smap(lambda geom, f, g: geom.topk(f, g, k, 1), self._row, (f,), (g,))
+        if axis != 0:
+            raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
+        names = self._names()
+        kk = min(k, self.shape[0])
+
+        def local(geom, f, g):
+            idx = geom.topk(f, g, kk, 0)  # (m, kk) local rows
+            cols = jnp.arange(idx.shape[0])[:, None]
+            score = f[idx] + g[:, None] - geom.cost_at(idx, cols)
+            return score, idx + jax.lax.axis_index(names) * f.shape[0]
+
+        # (m, D kk) candidates, in the order of the rows (ties: the lower row, as one device)
+        split = P(None, self.axis)
+        cand_v, cand_i = self._smap(local, (split, split), (f,), (g,))
+        _, pos = geometry_lib._top_k(cand_v, kk)
+        return jnp.take_along_axis(cand_i, pos, axis=1).astype(jnp.int32)
+
+    def cost_at(self, rows: Array, cols: Array) -> Array:
+        """`otlab.PointCloud.cost_at`: ``C[rows, cols]`` for global (replicated) index
+        arrays; each device prices the pairs whose row it holds, one ``psum``."""
+        rows, cols = jnp.broadcast_arrays(rows, cols)
+        names = self._names()
+
+        def local(geom, rows, cols):
+            n_local = geom.shape[0]
+            r = rows - jax.lax.axis_index(names) * n_local
+            mine = (r >= 0) & (r < n_local)
+            c = geom.cost_at(jnp.where(mine, r, 0), cols)
+            return jax.lax.psum(jnp.where(mine, c, 0.0), names)
+
+        return self._smap(local, P(), (), (rows, cols))
+
     def transport(self, g: Array, epsilon: Array, x_new: Array) -> Array:
         """Entropic map of new points (as `otlab.PointCloud.transport`; ``y`` is
         replicated, so this runs on every device without communication)."""

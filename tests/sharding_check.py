@@ -94,6 +94,21 @@ def equality(mesh):
         "sns_online": _compare(newton(16), x, y, a),
         "progot_online": _compare(progressive, x, y, a),
     }
+    # the geometry's top-k selection and cost gathering (cardinality-constrained OT):
+    # a column's top-k merges each device's candidates; k = 10 > the 8 rows per device
+    f = jax.random.normal(jax.random.key(3), (64,))
+    g = jax.random.normal(jax.random.key(4), (40,))
+    rows, cols = jnp.asarray([[0, 63], [17, 40]]), jnp.asarray([[1, 39], [5, 0]])
+
+    def picks(geom):  # (one compile for every selection and the gathered costs)
+        return [geom.topk(f, g, k, axis) for axis in (0, 1) for k in (1, 10)], geom.cost_at(rows, cols)
+
+    for bs in (None, 16):
+        single = otlab.PointCloud(x, y, block_size=bs)
+        ours = jax.jit(picks)(sharding.shard(single, mesh))
+        same = [bool(jnp.all(u == v)) for u, v in zip(picks(single)[0], ours[0], strict=True)]
+        gap = jnp.max(jnp.abs(single.cost_at(rows, cols) - ours[1]))
+        out[f"topk_{'online' if bs else 'dense'}"] = {"same": same, "cost_at": float(gap)}
     try:  # rows that do not divide over the devices: a clear error before tracing
         otlab.progot(x[:63], y, num_steps=2, mesh=mesh)
         out["progot_bad_rows"] = ""

@@ -83,6 +83,13 @@ def test_sharded_progot_equals_single_device(eight_devices):
     assert "multiple of the mesh's 8 devices" in eight_devices["equality"]["progot_bad_rows"]
 
 
+@pytest.mark.parametrize("name", ["topk_dense", "topk_online"])
+def test_sharded_topk_and_cost_at_equal_single_device(eight_devices, name):
+    r = eight_devices["equality"][name]
+    assert all(r["same"]) and len(r["same"]) == 4, r  # axis 0 and 1, k = 1 and 10
+    assert r["cost_at"] <= 1e-12, r
+
+
 @pytest.mark.parametrize("name", ["grad_dense", "grad_log_online"])
 def test_sharded_gradients_equal_single_device(eight_devices, name):
     r = eight_devices["equality"]

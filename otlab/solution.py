@@ -307,14 +307,16 @@ def _use_primal(self: OTSolution) -> Array:
     # The dual's rounding ~ eps * ulp * (1 + |log a| + |log b|) * mass, against the
     # primal's first-order error ~ marginal_error * cost scale; the scale (|h|, the
     # unabsorbed potentials, bound the costs along the plan) is only an estimate.
-    # Both maxima of a side in one reduction (compile time: each reduction is two
-    # kernels; the sides are not concatenated, which a sharded geometry would gather);
-    # 2 max(|log a|, |log b|) bounds |log a| + |log b|.
+    # (Four plain maxima: stacking a side's two into one reduction made a concatenate
+    # kernel that compiled to more code than the extra reduction; the sides are never
+    # concatenated, which a sharded geometry would gather.) 2 max(|log a|, |log b|)
+    # bounds |log a| + |log b|.
     def side(w, log_w, pot):
-        both = [jnp.where(w > 0, jnp.abs(log_w), 0.0), jnp.where(w > 0, jnp.abs(pot - eps * log_w), 0.0)]
-        return jnp.max(jnp.stack(both), 1)
+        return (jnp.max(jnp.where(w > 0, jnp.abs(log_w), 0.0)),
+                jnp.max(jnp.where(w > 0, jnp.abs(pot - eps * log_w), 0.0)))
 
-    logs, scale = jnp.maximum(side(a, log_a, self.f), side(b, log_b, self.g))
+    (la, sa), (lb, sb) = side(a, log_a, self.f), side(b, log_b, self.g)
+    logs, scale = jnp.maximum(la, lb), jnp.maximum(sa, sb)
     ulp = jnp.finfo(self.f.dtype).eps
     dual_rounding = eps * ulp * (1.0 + 2.0 * logs)
     primal_error = (self.marginal_error + ulp) * (scale + ulp) / jnp.sum(a)

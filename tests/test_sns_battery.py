@@ -61,6 +61,8 @@ def test_battery_success_wherever_sinkhorn_succeeds(dtype, name, rel):
     )
     if bool(s.converged):  # never a false SUCCESS
         assert err <= tol, err
+    else:  # only at the float32 floor here: stagnation stops it well before max_iter
+        assert int(s.status) == otlab.Status.MAX_ITER and int(s.n_iter) < 100
     if bool(k.converged) and _true_error(k) <= tol:
         assert int(s.status) == otlab.Status.SUCCESS, otlab.Status.name(s.status)
         assert int(s.n_iter) <= MAX_NEWTON
@@ -95,7 +97,7 @@ def test_a_step_never_ends_worse_than_its_start(x64, scale):
     err = jnp.sum(jnp.abs(ga)) + jnp.sum(jnp.abs(gb))
     zero = jnp.asarray(0)
     s = sns_lib._State(
-        f, g, row, col, obj, err, 1.0, zero, zero, jnp.zeros(1), zero, False, zero, False, anchor
+        f, g, row, col, obj, err, 1.0, zero, zero, jnp.zeros(1), zero, False, zero, False, anchor, zero
     )
     d = (scale * ga, scale * gb)
     gd = scale * (jnp.sum(ga * ga) + jnp.sum(gb * gb))

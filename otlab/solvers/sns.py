@@ -90,6 +90,7 @@ class _State(NamedTuple):
     stage: Array  # continuation stage: epsilon * STAGE_FACTOR**stage
     settled: Array  # a stage has converged: no more retreats
     anchor: tuple | None  # dense geometries: (f0, g0, P0), the plan at (f0, g0) (see `_fresh`)
+    calm: Array  # consecutive steps at stage 0
 
 
 def _anchored(problem: _dual.Problem, geom, anchor) -> PlanOperator:
@@ -270,6 +271,10 @@ FALLBACK_ITERS = 20
 #: by more than this many epsilon from the anchor (float64, float32): scalings stay
 #: below e^30 (e^10), so entries that underflowed at the anchor stay negligible.
 ANCHOR_DRIFT = {"float64": 30.0, "float32": 10.0}
+#: Stagnation: stop (MAX_ITER) when STALL_WINDOW steps at the target epsilon end above
+#: STALL_FACTOR times the error before them (less than 10 % progress in 30 steps).
+STALL_WINDOW = 30
+STALL_FACTOR = 0.9
 
 
 class _Trial(NamedTuple):
@@ -465,9 +470,20 @@ def _forward(
             (err <= tol) & (stage == 0), verify, lambda f, g: (jnp.asarray(False), f, g), f, g
         )
         status = jnp.where(converged, Status.SUCCESS, s.status)
+        # Stagnation at the target epsilon (the rounding floor of float32, below a `tol`
+        # it cannot reach): STALL_WINDOW steps at stage 0 have not brought the error
+        # below STALL_FACTOR times the error before them. Stop with MAX_ITER.
+        errors = s.errors.at[s.it].set(err)
+        calm = jnp.where((stage == 0) & (s.stage == 0), s.calm + 1, 0)
+        stalled = jnp.asarray(False)
+        if max_iter > STALL_WINDOW:  # static
+            start = jnp.maximum(s.it + 1 - STALL_WINDOW, 0)
+            window = jax.lax.dynamic_slice(errors, (start,), (STALL_WINDOW,))
+            before = errors[jnp.maximum(s.it - STALL_WINDOW, 0)]
+            stalled = (calm > STALL_WINDOW) & ~(jnp.min(window) <= STALL_FACTOR * before)
         return _State(
-            f, g, row, col, obj, err, nu, level, s.it + 1, s.errors.at[s.it].set(err),
-            status.astype(jnp.int32), converged, stage, settled, anchor,
+            f, g, row, col, obj, err, nu, level, s.it + 1, errors,
+            status.astype(jnp.int32), converged | stalled, stage, settled, anchor, calm,
         )  # fmt: skip
 
     anchor, row, col, obj, ga, gb = _fresh(problem, geom, f0, g0)
@@ -492,6 +508,7 @@ def _forward(
         jnp.asarray(0, jnp.int32),
         jnp.asarray(False),
         anchor,
+        jnp.asarray(0),
     )
     s = jax.lax.while_loop(lambda s: (~s.done) & (s.it < max_iter), body, s)
     return s.f, s.g, (s.status, s.it, s.err, s.errors)
@@ -545,7 +562,8 @@ def sns(
     errors of ~1e-12. In float32 the plan is recomputed from rounded potentials,
     so the attainable L1 marginal error grows like ``1e-7 * max|C| / epsilon``
     (about 1e-5 at ``epsilon = 1e-3 * max|C|``); the default ``tol`` is 1e-4 there,
-    and a run stopped at the floor reports ``MAX_ITER``.
+    and a run stopped at the floor reports ``MAX_ITER`` (it stops once 30 steps at
+    the target epsilon bring less than 10 % progress).
 
     Args:
         geom: a geometry (dense or online), an ott-jax geometry or a cost matrix.

@@ -597,7 +597,12 @@ def run_battery(quick: bool = False) -> str:
         print(f"  [battery {time.perf_counter() - t_start:5.0f}s] {msg}", file=sys.stderr,
               flush=True)  # fmt: skip
 
-    with jax.enable_x64(True):
+    # LAPACK (OpenBLAS) on one thread, as docs/sns.md recommends on a shared machine:
+    # its threads spin while they wait, and otlab.sns's Cholesky rung (the only LAPACK
+    # call of any solver timed here) ran up to 10x slower under load without it.
+    from threadpoolctl import threadpool_limits
+
+    with jax.enable_x64(True), threadpool_limits(1, user_api="blas"):
         sns_fn, sk_fn = _battery_fns(tol, BATTERY_SK_CAP)
         for name, n, m, (kind, val) in BATTERY_QUICK if quick else BATTERY:
             x, y, a_np, b_np = battery_problem(name, n, m)
@@ -670,7 +675,9 @@ def run_battery(quick: bool = False) -> str:
         f"measured time per iteration × otlab.sinkhorn's iterations is under "
         f"{BATTERY_OTT_CAP_S:g} s, else that product is given (`est.`); regot SSNS (C++, 1 "
         "thread) runs in a child process (ᵃ: re-run at `tol / sqrt(2n)`, its L2 rule having "
-        "missed the L1 criterion). Every otlab.sns result is re-checked in float64 NumPy."
+        "missed the L1 criterion). LAPACK (OpenBLAS) runs on one thread in this process, as "
+        "docs/sns.md recommends on a shared machine (only otlab.sns's Cholesky rung calls it). "
+        "Every otlab.sns result is re-checked in float64 NumPy."
     )
 
     def line(what, rows, ok):

@@ -304,6 +304,34 @@ class PlanOperator:
             (geom.y, self.g),
         )
 
+    def scalings(self, f: Array, g: Array) -> tuple[Array, Array]:
+        """``(u, v) = (exp((f - self.f) / eps), exp((g - self.g) / eps))``: the plan at
+        ``(f, g)`` is ``diag(u) P diag(v)`` (a materialised operator only)."""
+        eps = self.epsilon
+        return jnp.exp((f - self.f) / eps), jnp.exp((g - self.g) / eps)
+
+    def marginals_at(self, f: Array, g: Array) -> tuple[Array, Array]:
+        """``(P' 1, P'^T 1)`` of the plan ``P'`` at potentials ``(f, g)``, from this
+        materialised plan by its diagonal scalings: two matrix-vector products and no
+        exponentials over ``n x m``. Accurate while ``|f - self.f| / eps`` and
+        ``|g - self.g| / eps`` stay moderate (entries of ``P`` that underflowed stay 0)."""
+        u, v = self.scalings(f, g)
+        return u * _matvec(self.matrix, v), v * _rmatvec(self.matrix, u)
+
+    def moved(self, f: Array, g: Array) -> PlanOperator:
+        """The materialised operator of the plan at ``(f, g)``, ``diag(u) P diag(v)``
+        (see `marginals_at`): one product pass, no exponentials over ``n x m``."""
+        u, v = self.scalings(f, g)
+        return PlanOperator(self.geom, f, g, self.epsilon, self.matrix * u[:, None] * v[None, :])
+
+    def row_sparsify(self, bins: int) -> tuple[Array, Array]:
+        """`Geometry.row_sparsify` of this plan: from the materialised matrix when
+        there is one, else recomputed from the geometry."""
+        if self.matrix is None:
+            return self.geom.row_sparsify(self.f, self.g, self.epsilon, bins)
+        vals, idx = _binned_max(self.matrix, bins)
+        return jnp.log(vals), idx
+
 
 # ----------------------------------------------------------------------- geometries
 

@@ -36,14 +36,20 @@ by their measured rate). Convergence is declared at the target epsilon on the
 gauge-fixed potentials re-evaluated in the log domain.
 
 Adaptive budget: ``budgets`` is a static ladder of kept entries per row. The
-solver starts on the first rung and climbs one rung when an accepted, barely damped
-step (``nu <= 1/16``) reduces ``|G|`` by less than 4x — the sign that the sparse
-Hessian is too crude for Newton's fast convergence. Dense geometries end the ladder
-with the exact Hessian, solved first by conjugate gradient and, once that costs more
-than a factorisation (at small epsilon the Hessian is badly conditioned and CG
+solver starts on the first rung and climbs one rung when a full step with a shift no
+larger than the start's (``nu <= 1``) reduces ``|G|`` by less than 4x — the sign that
+the sparse Hessian is too crude for Newton's fast convergence. Dense geometries end
+the ladder with the exact Hessian, solved first by conjugate gradient and, once that
+costs more than a factorisation (at small epsilon the Hessian is badly conditioned and CG
 stalls), by a Cholesky factorisation of its Schur complement. Each rung is compiled
 once; ``lax.switch`` runs only the current one (under ``vmap`` all rungs run, as for
 any batched switch).
+
+Dense geometries keep the plan materialised at an anchor ``(f0, g0)``; the plan at
+nearby ``(f, g)`` is ``diag(u) P0 diag(v)`` with ``u = exp((f - f0) / eps)``, so a
+line-search trial costs two matrix-vector products instead of a pass of exponentials,
+and the Hessian's plan a scaling pass. The anchor is renewed after Sinkhorn iterations
+and once a potential has moved by more than ``ANCHOR_DRIFT`` epsilon.
 
 Gradients come from `otlab.implicit`, like every otlab solver.
 """
@@ -59,7 +65,7 @@ import jax.numpy as jnp
 
 from otlab import _checks, _dual, implicit
 from otlab._checks import Init
-from otlab.geometry import GeometryLike
+from otlab.geometry import GeometryLike, PlanOperator
 from otlab.solution import OTSolution, Status
 from otlab.solvers import sinkhorn as sinkhorn_lib  # the module
 
@@ -83,15 +89,39 @@ class _State(NamedTuple):
     done: Array
     stage: Array  # continuation stage: epsilon * STAGE_FACTOR**stage
     settled: Array  # a stage has converged: no more retreats
+    anchor: tuple | None  # dense geometries: (f0, g0, P0), the plan at (f0, g0) (see `_fresh`)
+    calm: Array  # consecutive steps at stage 0
 
 
-def _evaluate(problem: _dual.Problem, geom, f, g):
-    row, col = geom.marginals(f, g, problem.epsilon)
+def _anchored(problem: _dual.Problem, geom, anchor) -> PlanOperator:
+    fa, ga, p = anchor
+    return PlanOperator(geom, fa, ga, problem.epsilon, p)
+
+
+def _evaluate(problem: _dual.Problem, geom, f, g, anchor=None):
+    """``(P 1, P^T 1, D, G)`` at ``(f, g)``: with an ``anchor`` (a materialised plan at
+    nearby potentials, `_fresh`) by its diagonal scalings (two matrix-vector
+    products), else by one pass of exponentials."""
+    if anchor is None:
+        row, col = geom.marginals(f, g, problem.epsilon)
+    else:
+        row, col = _anchored(problem, geom, anchor).marginals_at(f, g)
     obj = _dual.dual_objective(
         f, g, problem.a, problem.b, problem.epsilon, problem.tau_a, problem.tau_b, jnp.sum(row)
     )
     ga, gb = problem.residual(f, g, row, col)
     return row, col, obj, ga, gb
+
+
+def _fresh(problem: _dual.Problem, geom, f, g):
+    """`_evaluate` at ``(f, g)`` that also returns the anchor of later evaluations:
+    for dense geometries the plan materialised at ``(f, g)`` (one pass of
+    exponentials, as `_evaluate` costs), for online geometries ``None``."""
+    if geom.is_online:
+        return None, *_evaluate(problem, geom, f, g)
+    op = geom.plan_operator(f, g, problem.epsilon)
+    anchor = (f, g, op.matrix)
+    return anchor, *_evaluate(problem, geom, f, g, anchor)
 
 
 def _log_domain_error(problem: _dual.Problem, geom, f, g):
@@ -167,8 +197,13 @@ def _newton_direction(problem: _dual.Problem, geom, s: _State, ga, gb, *, rung, 
     eps = problem.epsilon
     m = geom.shape[1]
     kind, bins = rung
+    # Dense geometries: the plan at (f, g) from the anchor's, by diagonal scalings.
+    op = None if s.anchor is None else _anchored(problem, geom, s.anchor).moved(s.f, s.g)
     if kind == "sparse":
-        logv, idx = geom.row_sparsify(s.f, s.g, eps, bins)
+        if op is None:
+            logv, idx = geom.row_sparsify(s.f, s.g, eps, bins)
+        else:
+            logv, idx = op.row_sparsify(bins)
         vals = jnp.exp(logv) / eps
 
         def off_diag(x, y):
@@ -176,7 +211,7 @@ def _newton_direction(problem: _dual.Problem, geom, s: _State, ga, gb, *, rung, 
             sx = jax.ops.segment_sum((vals * x[:, None]).ravel(), idx.ravel(), num_segments=m)
             return sy, sx
     else:  # the full Hessian: products with the materialised plan
-        op = geom.plan_operator(s.f, s.g, eps)
+        op = geom.plan_operator(s.f, s.g, eps) if op is None else op
         off_diag = lambda x, y: (op.matvec(y) / eps, op.rmatvec(x) / eps)  # noqa: E731
 
     da, db = problem.hessian_diagonal(s.f, s.g, s.row, s.col)
@@ -232,6 +267,14 @@ STAGE_TOL_REL = 0.1
 LINE_SEARCH_HALVINGS = 10
 #: Sinkhorn iterations run when a Newton step finds no acceptable step length.
 FALLBACK_ITERS = 20
+#: Dense geometries: the anchored plan is re-materialised once a potential has moved
+#: by more than this many epsilon from the anchor (float64, float32): scalings stay
+#: below e^30 (e^10), so entries that underflowed at the anchor stay negligible.
+ANCHOR_DRIFT = {"float64": 30.0, "float32": 10.0}
+#: Stagnation: stop (MAX_ITER) when STALL_WINDOW steps at the target epsilon end above
+#: STALL_FACTOR times the error before them (less than 10 % progress in 30 steps).
+STALL_WINDOW = 30
+STALL_FACTOR = 0.9
 
 
 class _Trial(NamedTuple):
@@ -257,7 +300,7 @@ def _line_search(problem, geom, s: _State, d, gd, resolvable):
     def body(c: _Trial):
         t = 0.5 ** c.k.astype(s.obj.dtype)
         f, g = s.f + t * d[0], s.g + t * d[1]
-        row, col, obj, na, nb = _evaluate(problem, geom, f, g)
+        row, col, obj, na, nb = _evaluate(problem, geom, f, g, s.anchor)
         err = jnp.sum(jnp.abs(na)) + jnp.sum(jnp.abs(nb))
         finite = jnp.isfinite(obj) & jnp.isfinite(err)
         armijo = obj - s.obj >= 1e-4 * t * gd
@@ -360,9 +403,9 @@ def _forward(
         good = full & (~resolvable | (ratio >= 0.75))
         nu = jnp.where(good, s.nu / 4, jnp.where(full & (ratio >= 0.25), s.nu, 4 * s.nu))
         nu = jnp.clip(nu, 1e-8, 1e8)
-        # Slow progress of a full, barely damped step (a reduction of |G| by less than
-        # 4x at nu <= 1/16) means the sketch is too crude: climb one rung.
-        slow = full & (c.err > 0.25 * s.err) & (s.nu <= 1.0 / 16)
+        # Slow progress of a full step that is not heavily damped (a reduction of |G| by
+        # less than 4x at nu <= 1) means the sketch is too crude: climb one rung.
+        slow = full & (c.err > 0.25 * s.err) & (s.nu <= 1.0)
         level = jnp.where(slow & (s.level < top_cg), s.level + 1, s.level)
         if direct >= 0:
             expensive = (s.level == top_cg) & (cgi > breakeven)
@@ -382,17 +425,17 @@ def _forward(
         pn = at(stage)
 
         def keep(f, g):
-            return c.f, c.g, c.row, c.col, c.obj, c.err
+            return c.f, c.g, c.row, c.col, c.obj, c.err, s.anchor
 
         def sinkhorn_then_evaluate(iters, stall):
             def run(f, g):
                 f, g = _sinkhorn_iters(pn, geom, f, g, iters, tol, stall)
-                row, col, obj, na, nb = _evaluate(pn, geom, f, g)
-                return f, g, row, col, obj, jnp.sum(jnp.abs(na)) + jnp.sum(jnp.abs(nb))
+                anchor, row, col, obj, na, nb = _fresh(pn, geom, f, g)
+                return f, g, row, col, obj, jnp.sum(jnp.abs(na)) + jnp.sum(jnp.abs(nb)), anchor
 
             return run
 
-        f, g, row, col, obj, err = jax.lax.switch(
+        f, g, row, col, obj, err, anchor = jax.lax.switch(
             branch,
             [
                 keep,
@@ -404,23 +447,46 @@ def _forward(
         finite = jnp.isfinite(err) & jnp.isfinite(obj)
         # Never worse than the start of the step: a Sinkhorn block that fails keeps it.
         bad = ~finite & (branch > 0)
-        f, g, row, col, obj, err = (
-            jnp.where(bad, old, new)
-            for new, old in zip(
-                (f, g, row, col, obj, err), (c.f, c.g, c.row, c.col, c.obj, c.err), strict=True
-            )
-        )
+        f, g, row, col, obj, err, anchor = jax.tree.map(
+            lambda new, old: jnp.where(bad, old, new),
+            (f, g, row, col, obj, err, anchor), (c.f, c.g, c.row, c.col, c.obj, c.err, s.anchor),
+        )  # fmt: skip
         stage = jnp.where(bad, s.stage, stage)
+        if anchor is not None:  # static: dense geometries
+            # Potentials that moved far from the anchor (the scalings exp(df / eps) leave
+            # the range where the anchored plan is accurate): a fresh anchor.
+            fa, ga, _ = anchor
+            drift = jnp.maximum(jnp.max(jnp.abs(f - fa)), jnp.max(jnp.abs(g - ga)))
+            far = ~(drift < ANCHOR_DRIFT.get(jnp.dtype(dtype).name, 10.0) * at(stage).epsilon)
+
+            def refresh(f, g, row, col, obj, err, anchor):
+                anchor, row, col, obj, na, nb = _fresh(at(stage), geom, f, g)
+                return f, g, row, col, obj, jnp.sum(jnp.abs(na)) + jnp.sum(jnp.abs(nb)), anchor
+
+            f, g, row, col, obj, err, anchor = jax.lax.cond(
+                far, refresh, lambda *x: x, f, g, row, col, obj, err, anchor
+            )
         converged, f, g = jax.lax.cond(
             (err <= tol) & (stage == 0), verify, lambda f, g: (jnp.asarray(False), f, g), f, g
         )
         status = jnp.where(converged, Status.SUCCESS, s.status)
+        # Stagnation at the target epsilon (the rounding floor of float32, below a `tol`
+        # it cannot reach): STALL_WINDOW steps at stage 0 have not brought the error
+        # below STALL_FACTOR times the error before them. Stop with MAX_ITER.
+        errors = s.errors.at[s.it].set(err)
+        calm = jnp.where((stage == 0) & (s.stage == 0), s.calm + 1, 0)
+        stalled = jnp.asarray(False)
+        if max_iter > STALL_WINDOW:  # static
+            start = jnp.maximum(s.it + 1 - STALL_WINDOW, 0)
+            window = jax.lax.dynamic_slice(errors, (start,), (STALL_WINDOW,))
+            before = errors[jnp.maximum(s.it - STALL_WINDOW, 0)]
+            stalled = (calm > STALL_WINDOW) & ~(jnp.min(window) <= STALL_FACTOR * before)
         return _State(
-            f, g, row, col, obj, err, nu, level, s.it + 1, s.errors.at[s.it].set(err),
-            status.astype(jnp.int32), converged, stage, settled,
+            f, g, row, col, obj, err, nu, level, s.it + 1, errors,
+            status.astype(jnp.int32), converged | stalled, stage, settled, anchor, calm,
         )  # fmt: skip
 
-    row, col, obj, ga, gb = _evaluate(problem, geom, f0, g0)
+    anchor, row, col, obj, ga, gb = _fresh(problem, geom, f0, g0)
     err = jnp.sum(jnp.abs(ga)) + jnp.sum(jnp.abs(gb))
     finite = jnp.isfinite(err) & jnp.isfinite(obj)
     done, f0, g0 = jax.lax.cond(err <= tol, verify, lambda f, g: (jnp.asarray(False), f, g), f0, g0)
@@ -441,6 +507,8 @@ def _forward(
         done | ~finite,
         jnp.asarray(0, jnp.int32),
         jnp.asarray(False),
+        anchor,
+        jnp.asarray(0),
     )
     s = jax.lax.while_loop(lambda s: (~s.done) & (s.it < max_iter), body, s)
     return s.f, s.g, (s.status, s.it, s.err, s.errors)
@@ -494,7 +562,8 @@ def sns(
     errors of ~1e-12. In float32 the plan is recomputed from rounded potentials,
     so the attainable L1 marginal error grows like ``1e-7 * max|C| / epsilon``
     (about 1e-5 at ``epsilon = 1e-3 * max|C|``); the default ``tol`` is 1e-4 there,
-    and a run stopped at the floor reports ``MAX_ITER``.
+    and a run stopped at the floor reports ``MAX_ITER`` (it stops once 30 steps at
+    the target epsilon bring less than 10 % progress).
 
     Args:
         geom: a geometry (dense or online), an ott-jax geometry or a cost matrix.

@@ -75,6 +75,24 @@ def test_dual_value_matches_pot(x64, k, formulation):
         assert err < 0.05
 
 
+@pytest.mark.parametrize("k", [1, 5])
+def test_newton_method_matches_pot(x64, k):
+    # method="newton": semismooth Newton with continuation in gamma. Uniform 30 x 30:
+    # k = 5 is a smooth optimum, k = 1 a permutation (L-BFGS stops short there)
+    x, y, a, b = _problem(n=N, m=N, uniform=True)
+    c = ot.dist(x, y)
+    gamma = 0.1 * c.mean()
+    sol = otlab.cardinality_constrained(jnp.asarray(c), a, b, k=k, gamma=gamma, method="newton")
+    ref, _ = _pot(a, b, c, gamma, k)
+    assert bool(sol.converged)
+    assert float(sol.dual_value) >= ref - 1e-6 * abs(ref)  # at least POT's value
+    np.testing.assert_allclose(float(sol.dual_value), ref, rtol=1e-4)
+    plan = np.asarray(sol.plan())
+    assert (plan > 0).sum(0).max() <= k and plan.min() >= 0
+    assert _marginal_error(plan, a, b) < 1e-10
+    assert int(sol.n_iter) <= 100  # Newton steps over all continuation stages
+
+
 def test_semi_dual_matches_dual_and_meets_column_marginals(x64):
     x, y, a, b = _problem()
     c = jnp.asarray(ot.dist(x, y))
@@ -289,6 +307,7 @@ def test_nan_under_jit_is_nonfinite(x64):
         (dict(k=2, a=np.ones(N - 1) / (N - 1)), "a"),
         (dict(k=2, b=np.ones(M + 1) / (M + 1)), "b"),
         (dict(k=2, formulation="primal"), "formulation"),
+        (dict(k=2, method="bfgs"), "method"),
         (dict(k=2, axis=2), "axis"),
         (dict(k=2, max_iter=0), "max_iter"),
     ],

@@ -52,9 +52,9 @@ def _marginal_error(plan, a, b):
 
 @pytest.mark.parametrize("k, formulation", [(1, "semi_dual"), (2, "dual"), (5, "dual")])
 def test_dual_value_matches_pot(x64, k, formulation):
-    # uniform weights, n = m: a k-sparse plan meets the marginals (k = 1: a
-    # permutation), so the dual optimum is a smooth point that L-BFGS reaches; with
-    # generic weights and k <= 2 it lies on ties (see docs/cardinality.md)
+    # the default method (semismooth Newton). Uniform weights, n = m: a k-sparse plan
+    # meets the marginals (k = 1: a permutation), so Newton reaches a plan that meets
+    # them; with generic weights and k <= 2 the optimum lies on ties (docs/cardinality.md)
     x, y, a, b = _problem(n=N, m=N, uniform=True)
     c = ot.dist(x, y)
     gamma = 0.1 * c.mean()
@@ -63,12 +63,31 @@ def test_dual_value_matches_pot(x64, k, formulation):
     )
     ref, ref_plan = _pot(a, b, c, gamma, k)
     assert bool(sol.converged)
+    assert float(sol.dual_value) >= ref - 1e-6 * abs(ref)  # at least POT's value
     np.testing.assert_allclose(float(sol.dual_value), ref, rtol=1e-4)
     plan = np.asarray(sol.plan())
     assert plan.min() >= 0
     assert (plan > 0).sum(0).max() <= k  # at most k nonzeros per column
     err = _marginal_error(plan, a, b)
     np.testing.assert_allclose(float(sol.marginal_error), err, rtol=1e-6, atol=1e-12)
+    assert err < 1e-10 < _marginal_error(ref_plan, a, b)
+
+
+@pytest.mark.parametrize("k, formulation", [(1, "semi_dual"), (5, "dual")])
+def test_lbfgs_method_matches_pot(x64, k, formulation):
+    # method="lbfgs" (optax L-BFGS on either formulation), same problems
+    x, y, a, b = _problem(n=N, m=N, uniform=True)
+    c = ot.dist(x, y)
+    gamma = 0.1 * c.mean()
+    sol = otlab.cardinality_constrained(
+        jnp.asarray(c), a, b, k=k, gamma=gamma, formulation=formulation, method="lbfgs"
+    )
+    ref, ref_plan = _pot(a, b, c, gamma, k)
+    assert bool(sol.converged)
+    np.testing.assert_allclose(float(sol.dual_value), ref, rtol=1e-4)
+    plan = np.asarray(sol.plan())
+    assert (plan > 0).sum(0).max() <= k and plan.min() >= 0
+    err = _marginal_error(plan, a, b)
     if k == 5:  # the constraint is slack at the optimum: a smooth point, marginals met
         assert err < 1e-8 < _marginal_error(ref_plan, a, b)
     else:  # L-BFGS may stop on a tie (see docs/cardinality.md): marginals nearly met
@@ -289,6 +308,7 @@ def test_nan_under_jit_is_nonfinite(x64):
         (dict(k=2, a=np.ones(N - 1) / (N - 1)), "a"),
         (dict(k=2, b=np.ones(M + 1) / (M + 1)), "b"),
         (dict(k=2, formulation="primal"), "formulation"),
+        (dict(k=2, method="bfgs"), "method"),
         (dict(k=2, axis=2), "axis"),
         (dict(k=2, max_iter=0), "max_iter"),
     ],

@@ -55,10 +55,15 @@ def ot_route(
     t, e = logits.shape
     a = jnp.ones((t,), logits.dtype)
     b = jnp.full((e,), t / e, logits.dtype)
+    # L-BFGS, not the solver's default Newton path: on these small float32 problems,
+    # solved at every training step, tests/test_nn_routing.py ran twice as long with
+    # Newton (mostly compilation)
     if capacity is not None:
-        sol = cardinality_constrained(-logits, a, b, k=capacity, gamma=gamma, axis=0)
+        sol = cardinality_constrained(
+            -logits, a, b, k=capacity, gamma=gamma, axis=0, method="lbfgs"
+        )
     else:
-        sol = cardinality_constrained(-logits, a, b, k=k, gamma=gamma, axis=1)
+        sol = cardinality_constrained(-logits, a, b, k=k, gamma=gamma, axis=1, method="lbfgs")
     return sol.plan()
 
 

@@ -25,9 +25,10 @@ def compiled(fn: Callable, *args) -> Callable[[], object]:
 
     ``fn`` is a ``jax.jit``-wrapped function; ``fn.lower(*args).compile()`` compiles
     it without running it, so no warm-up run is needed before timing. Executables
-    are cached per function and argument shapes / dtypes.
+    are cached per function, argument tree structure and leaf shapes / dtypes.
     """
-    key = (fn, tuple((jax.numpy.shape(a), jax.numpy.result_type(a)) for a in args))
+    leaves, treedef = jax.tree.flatten(args)  # arguments may be pytrees (a metric)
+    key = (fn, treedef, tuple((jax.numpy.shape(a), jax.numpy.result_type(a)) for a in leaves))
     if key not in _EXECUTABLES:
         _EXECUTABLES[key] = fn.lower(*args).compile()
     exe = _EXECUTABLES[key]

@@ -118,6 +118,30 @@ def test_fit_with_the_trapezoid_cost(curved):
     assert not np.allclose(trap.transport, simp.transport)
 
 
+def test_spectral_variation_spares_rotations_only():
+    """Zero for a constant metric and for one whose eigenvectors turn with constant
+    eigenvalues (the circles' metric); positive when the scale or the anisotropy varies."""
+    from otlab.metric.fit import spectral_variation
+
+    x = jnp.asarray(synthetic.rotating_arc(num_times=1, n=40, seed=1)[0][0])
+    sv = jax.jit(spectral_variation)
+    assert float(sv(metric.Constant(jnp.array([[2.0, 0.3], [0.3, 1.0]])), x)) == 0.0
+    assert float(sv(synthetic.circular_metric(0.1), x)) < 1e-8
+    assert float(sv(metric.PoincareHalfPlane(), x)) > 0.1  # scale 1 / x_2^2: |grad u| = 1 / x_2
+    aniso = metric.FromCallable(lambda p: jnp.diag(jnp.array([jnp.exp(p[0]), jnp.exp(-p[0])])))
+    np.testing.assert_allclose(sv(aniso, x), jnp.mean(jnp.tanh(x[:, 0]) ** 2), rtol=1e-4)
+
+
+def test_fit_variation_penalty(curved):
+    """The fixture trains (jitted step) with the default ``variation``: the term is recorded,
+    finite, positive, and falls; a negative weight is refused before tracing."""
+    snaps, times, res = curved
+    assert np.all(np.isfinite(res.variation)) and res.variation[res.best_epoch] > 0
+    assert res.variation[-1] < res.variation[:5].max()
+    with pytest.raises(ValueError, match="variation"):
+        metric.fit(snaps[::2], times[::2], variation=-1.0)
+
+
 def test_d5_end_to_end_and_jit_vmap_grad():
     snaps, times = synthetic.rotating_arc(num_times=3, n=30, dim=5, seed=2)
     snaps = [snaps[0], snaps[1][:24], snaps[2][:27]]  # different sizes

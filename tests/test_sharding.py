@@ -83,6 +83,28 @@ def test_sharded_progot_equals_single_device(eight_devices):
     assert "multiple of the mesh's 8 devices" in eight_devices["equality"]["progot_bad_rows"]
 
 
+@pytest.mark.parametrize("name", ["cardinality_dense", "cardinality_online"])
+def test_sharded_cardinality_equals_single_device(eight_devices, name):
+    # dense: at most k per column over rows split on the devices; online: per row
+    r = eight_devices["equality"][name]
+    for key in ("f", "g", "cost", "plan"):
+        assert r[key] <= 1e-6, (key, r)
+    assert r["n_iter"][0] == r["n_iter"][1] and r["status"] == [0, 0], r
+    assert r["f_split"], "the potential f should come back split over the 8 devices"
+
+
+def test_sharded_cardinality_memory_and_collectives(eight_devices):
+    mem = eight_devices["memory"]
+    r, n, m = mem["cardinality"], mem["n"], mem["m"]
+    assert r["sharded"] <= 1.5 * r["single"] / 8, r
+    ops = r["collectives"]
+    assert ops and {op for op, _ in ops} <= {"all-reduce", "all-gather"}, ops
+    # at most the devices' candidates: 8 devices x (4k + 1) per column (the first pass's
+    # wider support), far below the n x m cost or plan
+    largest = max(size for _, size in ops)
+    assert largest <= 8 * (4 * r["k"] + 1) * max(n, m) < n * m // 8, ops
+
+
 @pytest.mark.parametrize("name", ["topk_dense", "topk_online"])
 def test_sharded_topk_and_cost_at_equal_single_device(eight_devices, name):
     r = eight_devices["equality"][name]

@@ -408,7 +408,9 @@ def _loop_problem(problem: Problem) -> tuple[Problem, bool]:
     column-wise problem transposed into a row-wise one (``top_k`` along contiguous
     rows). Returns it and whether it was transposed."""
     geom = problem.geom.materialize()
-    if geom.is_online or problem.axis == 1:
+    # only a plain dense matrix is transposed: a sharded one keeps its split rows (its
+    # top-k merges the devices' candidates), an online one has no matrix
+    if problem.axis == 1 or not isinstance(geom, geometry_lib.Geometry):
         return dataclasses.replace(problem, geom=geom), False
     geom_t = geometry_lib.Geometry(geom.cost_matrix.T)
     return Problem(geom_t, problem.b, problem.a, problem.gamma, problem.k, 1, problem.support), True

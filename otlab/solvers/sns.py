@@ -18,7 +18,8 @@ where ``H~`` keeps the exact diagonal and a sparse sketch of ``P``: for each row
 the largest entry in each of ``k`` strided column bins (static shapes, one pass of
 comparisons, no sort; see `otlab.Geometry.row_sparsify`), ``h`` is the mean
 diagonal of ``H~``, and ``d`` comes from Jacobi-preconditioned conjugate gradient
-with matrix-free products over the kept entries (a gather and a segment sum).
+on the Schur complement of one block (`_schur_cg`) with matrix-free products over the
+kept entries (a gather and a segment sum).
 
 Globalisation. A backtracking (Armijo) line search on the dual picks ``t`` among
 ``1, 1/2, ..., 2^-9``: a step never decreases ``D`` (once the change in ``D`` is
@@ -48,8 +49,10 @@ any batched switch).
 Dense geometries keep the plan materialised at an anchor ``(f0, g0)``; the plan at
 nearby ``(f, g)`` is ``diag(u) P0 diag(v)`` with ``u = exp((f - f0) / eps)``, so a
 line-search trial costs two matrix-vector products instead of a pass of exponentials,
-and the Hessian's plan a scaling pass. The anchor is renewed after Sinkhorn iterations
-and once a potential has moved by more than ``ANCHOR_DRIFT`` epsilon.
+and the Hessian's plan a scaling pass. Blocks of Sinkhorn iterations start their
+kernel from the plan at the current potentials and their final kernel becomes the
+anchor; it is also renewed once a potential has moved by more than ``ANCHOR_DRIFT``
+epsilon.
 
 Gradients come from `otlab.implicit`, like every otlab solver.
 """

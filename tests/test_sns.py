@@ -133,14 +133,17 @@ def test_paper_case_matches_sinkhorn_with_far_fewer_iterations(x64):
 
 def test_cholesky_rung_where_conjugate_gradient_stalls(x64):
     """A random cost at eps = 1/1200 and n = 200: the exact Hessian is so badly
-    conditioned that conjugate gradient hits its cap (124 Newton steps without the
-    Cholesky rung, ``direct_max=0``); the Cholesky rung restores fast convergence.
+    conditioned that conjugate gradient hits its cap (``cg_max_iter=250`` on the Schur
+    complement, in exact arithmetic the Krylov space of 500 iterations of CG on the
+    whole system: 57 Newton steps without the Cholesky rung, ``direct_max=0``; 124
+    with CG on the whole system and its cap of 500; 29 with the default cap of 500 on
+    the Schur complement); the Cholesky rung restores fast convergence.
     (Sinkhorn itself does not reach 1e-9 here within 1e5 iterations.)"""
     c = jnp.asarray(_uniform_cost(N_RAND, seed=1))
     u = jnp.full(N_RAND, 1.0 / N_RAND)
     eps = 1.0 / 1200
-    s = otlab.sns(c, epsilon=eps)
-    cg_only = otlab.sns(c, epsilon=eps, direct_max=0)
+    s = otlab.sns(c, epsilon=eps, cg_max_iter=250)
+    cg_only = otlab.sns(c, epsilon=eps, direct_max=0, cg_max_iter=250)
     for sol in (s, cg_only):
         assert int(sol.status) == otlab.Status.SUCCESS
         assert _residual(c, sol.f, sol.g, u, u, eps) <= 1.5e-9
@@ -173,6 +176,48 @@ def test_schur_complement_solve(x64, shape, balanced):
     np.testing.assert_allclose(full @ z, np.concatenate([gx, gy]), rtol=0, atol=1e-10)
     if not balanced:
         np.testing.assert_allclose(z, np.linalg.solve(full, np.concatenate([gx, gy])), atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 7)])
+@pytest.mark.parametrize("balanced", [True, False])
+def test_schur_complement_conjugate_gradient(x64, shape, balanced):
+    """``_schur_cg`` (the CG rungs' solve) against the full block system, and in
+    half the iterations of conjugate gradient on the whole of it (2-cyclic)."""
+    from otlab.solvers.sns import _pcg, _schur_cg
+
+    rng = np.random.default_rng(1)
+    n, m = shape
+    k = rng.uniform(0.1, 1.0, size=shape)
+    dx, dy = k.sum(1) + 1e-3, k.sum(0) + 1e-3  # + mu: positive definite
+    if not balanced:
+        dx, dy = dx + 0.3, dy + 0.2
+    full = np.block([[np.diag(dx), k], [k.T, np.diag(dy)]])
+    gx, gy = rng.normal(size=n), rng.normal(size=m)
+    kj, dxj, dyj, gxj, gyj = (jnp.asarray(v) for v in (k, dx, dy, gx, gy))
+    (x, y), it = _schur_cg(lambda v: kj @ v, lambda u: u @ kj, dxj, dyj, gxj, gyj, 1e-10, 100)
+    np.testing.assert_allclose(np.concatenate([x, y]), np.linalg.solve(full, np.concatenate([gx, gy])),
+                               rtol=1e-7, atol=1e-9)  # fmt: skip
+    whole = jnp.asarray(full)
+    g = jnp.concatenate([gxj, gyj])
+    _, it_whole = _pcg(lambda z: whole @ z, g, jnp.diag(whole), 1e-20 * jnp.sum(g * g), 100)
+    assert int(it) < int(it_whole), (int(it), int(it_whole))
+
+
+@pytest.mark.parametrize("m", [37, 40, 300])
+def test_binned_max(x64, monkeypatch, m):
+    """``_binned_max`` (both of its paths) against a NumPy reference: for each row and
+    strided bin ``j mod bins``, the largest entry and its first column."""
+    from otlab import geometry
+
+    rng = np.random.default_rng(m)
+    z = rng.normal(size=(6, m)).round(1)  # rounded: ties, resolved to the first column
+    bins = 8
+    ref_idx = np.array([[j + bins * np.argmax(row[j::bins]) for j in range(bins)] for row in z])
+    for unrolled in (128, 0):
+        monkeypatch.setattr(geometry, "_SLABS_UNROLLED", unrolled)
+        vals, idx = geometry._binned_max(jnp.asarray(z), bins)
+        np.testing.assert_array_equal(idx, ref_idx)
+        np.testing.assert_array_equal(vals, np.take_along_axis(z, ref_idx, 1))
 
 
 @pytest.mark.parametrize("eps", [1e-2, 3e-3])

@@ -210,6 +210,16 @@ class _KernelEngine:
         return _KernelState(f, g, zf, zg, zf, zg, op, eps, true, false)
 
     @staticmethod
+    def from_plan(op: PlanOperator, row: Array, col: Array) -> _KernelState:
+        """The state at ``(op.f, op.g)`` from a caller's materialised plan there and
+        its marginals ``(P 1, P^T 1)``: no pass over ``n x m``. No safe absorption
+        first: a row or column of the plan that underflowed makes the first block
+        leave the scalings' bound, which discards it and absorbs safely (`end_block`)."""
+        zf, zg = jnp.zeros_like(op.f), jnp.zeros_like(op.g)
+        false = jnp.asarray(False)
+        return _KernelState(op.f, op.g, zf, zg, row, col, op, op.epsilon, false, false)
+
+    @staticmethod
     def potentials(s: _KernelState):
         return s.f_abs + s.eps * s.log_u, s.g_abs + s.eps * s.log_v
 
@@ -353,8 +363,16 @@ def _forward(
     translate: bool = False,
     stall: bool = False,
     symmetric: Any = False,
+    plan: tuple | None = None,
 ):
     """Run Sinkhorn from ``init = (f0, g0, epsilon_init)``; returns ``(f, g, aux)``.
+
+    ``plan`` (kernel mode, no annealing, not ``translate``, not ``symmetric``): a
+    caller's materialised `PlanOperator` at ``(f0, g0)`` and ``problem.epsilon`` and
+    its marginals, ``(op, P 1, P^T 1)``; the kernel starts from it (`otlab.sns`'s
+    Sinkhorn blocks start from its anchored plan: no passes of exponentials), and the
+    kernel's final plan ``(f~, g~, K~)`` is returned as a fourth output (the plan at
+    ``(f~, g~)``; ``(f, g)`` differ from them by the scalings ``eps log u``, ``eps log v``).
 
     ``symmetric``: a traced bool (or the static ``False``): the problem is a self
     problem ``OT(a, a)`` on a symmetric cost, solved by the symmetric update (see
@@ -472,7 +490,12 @@ def _forward(
     log_row = None
     if translate:
         f0, g0, log_row = _unbalanced_start(problem, geom, f0, g0, eps0, check=True)
-    state = engine.init(problem, geom, f0, g0, eps0, log_row, symmetric)
+    if plan is None:
+        state = engine.init(problem, geom, f0, g0, eps0, log_row, symmetric)
+    else:  # static
+        if mode != "kernel" or epsilon_init is not None or translate or symmetric is not False:
+            raise ValueError("`plan` starts the kernel engine of a plain, fixed-epsilon run.")
+        state = _KernelEngine.from_plan(*plan)
     loop = _Loop(
         state,
         jnp.asarray(0),
@@ -496,7 +519,10 @@ def _forward(
         if rem:  # static: only when check_every does not divide max_iter
             loop = jax.lax.cond(loop.done, lambda lp: lp, lambda lp: body(lp, length=rem), loop)
     f, g = engine.potentials(loop.state)
-    return f, g, (loop.status, loop.iters, loop.err, loop.errors)
+    aux = (loop.status, loop.iters, loop.err, loop.errors)
+    if plan is not None:  # static: also the kernel's plan, (f~, g~, K~) with K~ at (f~, g~)
+        return f, g, aux, (loop.state.f_abs, loop.state.g_abs, loop.state.op.matrix)
+    return f, g, aux
 
 
 # ----------------------------------------------------------------------- public API

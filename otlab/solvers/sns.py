@@ -18,7 +18,8 @@ where ``H~`` keeps the exact diagonal and a sparse sketch of ``P``: for each row
 the largest entry in each of ``k`` strided column bins (static shapes, one pass of
 comparisons, no sort; see `otlab.Geometry.row_sparsify`), ``h`` is the mean
 diagonal of ``H~``, and ``d`` comes from Jacobi-preconditioned conjugate gradient
-with matrix-free products over the kept entries (a gather and a segment sum).
+on the Schur complement of one block (`_schur_cg`) with matrix-free products over the
+kept entries (a gather and a segment sum).
 
 Globalisation. A backtracking (Armijo) line search on the dual picks ``t`` among
 ``1, 1/2, ..., 2^-9``: a step never decreases ``D`` (once the change in ``D`` is
@@ -48,8 +49,10 @@ any batched switch).
 Dense geometries keep the plan materialised at an anchor ``(f0, g0)``; the plan at
 nearby ``(f, g)`` is ``diag(u) P0 diag(v)`` with ``u = exp((f - f0) / eps)``, so a
 line-search trial costs two matrix-vector products instead of a pass of exponentials,
-and the Hessian's plan a scaling pass. The anchor is renewed after Sinkhorn iterations
-and once a potential has moved by more than ``ANCHOR_DRIFT`` epsilon.
+and the Hessian's plan a scaling pass. Blocks of Sinkhorn iterations start their
+kernel from the plan at the current potentials and their final kernel becomes the
+anchor; it is also renewed once a potential has moved by more than ``ANCHOR_DRIFT``
+epsilon.
 
 Gradients come from `otlab.implicit`, like every otlab solver.
 """
@@ -136,35 +139,55 @@ def _log_domain_error(problem: _dual.Problem, geom, f, g):
     return jnp.sum(jnp.abs(ga)) + jnp.sum(jnp.abs(gb))
 
 
-def _pcg(matvec, rhs, diag, tol, max_iter):
+def _pcg(matvec, rhs: Array, diag: Array, stop: Array, max_iter):
     """Jacobi-preconditioned conjugate gradient; returns ``(x, iterations)``.
 
-    Stops when ``|r| <= tol |rhs|`` (Euclidean norms over both blocks).
+    Stops when ``|r|^2 <= stop`` (Euclidean norm of the residual).
     """
-    dot = lambda u, v: jnp.sum(u[0] * v[0]) + jnp.sum(u[1] * v[1])  # noqa: E731
-    prec = lambda r: (r[0] / diag[0], r[1] / diag[1])  # noqa: E731
-    stop = (tol**2) * dot(rhs, rhs)
-    x = jax.tree.map(jnp.zeros_like, rhs)
-    z = prec(rhs)
-    init = (x, rhs, z, z, dot(rhs, z), jnp.asarray(0))
+    x = jnp.zeros_like(rhs)
+    z = rhs / diag
+    init = (x, rhs, z, z, jnp.sum(rhs * z), jnp.asarray(0))
 
     def cond(c):
         _, r, _, _, _, k = c
-        return (dot(r, r) > stop) & (k < max_iter)
+        return (jnp.sum(r * r) > stop) & (k < max_iter)
 
     def body(c):
         x, r, z, p, rz, k = c
         ap = matvec(p)
-        alpha = rz / dot(p, ap)
-        x = jax.tree.map(lambda x, p: x + alpha * p, x, p)
-        r = jax.tree.map(lambda r, ap: r - alpha * ap, r, ap)
-        z = prec(r)
-        rz_new = dot(r, z)
-        p = jax.tree.map(lambda z, p: z + (rz_new / rz) * p, z, p)
+        alpha = rz / jnp.sum(p * ap)
+        x = x + alpha * p
+        r = r - alpha * ap
+        z = r / diag
+        rz_new = jnp.sum(r * z)
+        p = z + (rz_new / rz) * p
         return x, r, z, p, rz_new, k + 1
 
     x, *_, k = jax.lax.while_loop(cond, body, init)
     return x, k
+
+
+def _schur_cg(mv, rmv, dx: Array, dy: Array, gx: Array, gy: Array, tol, max_iter):
+    """Solve ``[[diag(dx), K], [K^T, diag(dy)]] (x, y) = (gx, gy)`` by conjugate
+    gradient on the Schur complement of one block; returns ``((x, y), iterations)``.
+
+    ``mv(y) = K y``, ``rmv(x) = K^T x``. With ``x = (gx - K y) / dx`` the first block
+    of the residual is zero and the second is that of
+    ``(diag(dy) - K^T diag(1/dx) K) y = gy - K^T (gx / dx)``, solved by
+    Jacobi-preconditioned CG (preconditioner ``dy``) to ``|r| <= tol |(gx, gy)|``:
+    the stopping rule of CG on the whole system. The system is 2-cyclic, so CG on the
+    whole of it (Jacobi-preconditioned, from zero) makes progress only every other
+    iteration (its even iterates are those of CG on the Schur complement); each
+    iteration here costs the same two products (``K`` and ``K^T``), and half as many
+    are needed. Iterates on the smaller block.
+    """
+    if gx.shape[0] < gy.shape[0]:  # static: iterate on the smaller block (x)
+        (y, x), k = _schur_cg(rmv, mv, dy, dx, gy, gx, tol, max_iter)
+        return (x, y), k
+    stop = tol**2 * (jnp.sum(gx * gx) + jnp.sum(gy * gy))
+    rhs = gy - rmv(gx / dx)
+    y, k = _pcg(lambda y: dy * y - rmv(mv(y) / dx), rhs, dy, stop, max_iter)
+    return ((gx - mv(y)) / dx, y), k
 
 
 def _schur_solve(k: Array, dx: Array, dy: Array, gx: Array, gy: Array, gauge: Array):
@@ -205,26 +228,21 @@ def _newton_direction(problem: _dual.Problem, geom, s: _State, ga, gb, *, rung, 
         else:
             logv, idx = op.row_sparsify(bins)
         vals = jnp.exp(logv) / eps
-
-        def off_diag(x, y):
-            sy = jnp.sum(vals * y[idx], axis=1)
-            sx = jax.ops.segment_sum((vals * x[:, None]).ravel(), idx.ravel(), num_segments=m)
-            return sy, sx
+        mv = lambda y: jnp.sum(vals * y[idx], axis=1)  # noqa: E731
+        rmv = lambda x: jax.ops.segment_sum(  # noqa: E731
+            (vals * x[:, None]).ravel(), idx.ravel(), num_segments=m
+        )
     else:  # the full Hessian: products with the materialised plan
         op = geom.plan_operator(s.f, s.g, eps) if op is None else op
-        off_diag = lambda x, y: (op.matvec(y) / eps, op.rmatvec(x) / eps)  # noqa: E731
+        mv = lambda y: op.matvec(y) / eps  # noqa: E731
+        rmv = lambda x: op.rmatvec(x) / eps  # noqa: E731
 
     da, db = problem.hessian_diagonal(s.f, s.g, s.row, s.col)
     hbar = 0.5 * (jnp.mean(da) + jnp.mean(db))
     mu = s.nu * s.err / jnp.sum(problem.a) * hbar
 
     def hess(z):
-        sy, sx = off_diag(*z)
-        return da * z[0] + sy, db * z[1] + sx
-
-    def shifted(z):
-        hx, hy = hess(z)
-        return hx + mu * z[0], hy + mu * z[1]
+        return da * z[0] + mv(z[1]), db * z[1] + rmv(z[0])
 
     if kind == "direct":
         gauge = _dual.is_balanced(problem.tau_a, problem.tau_b) * hbar
@@ -234,7 +252,7 @@ def _newton_direction(problem: _dual.Problem, geom, s: _State, ga, gb, *, rung, 
         # Inexact Newton: forcing term min(0.1, sqrt(relative residual)).
         rel = s.err / jnp.sum(problem.a)
         cg_tol = jnp.minimum(0.1, jnp.sqrt(rel))
-        d, cg_iters = _pcg(shifted, (ga, gb), (da + mu, db + mu), cg_tol, cg_max_iter)
+        d, cg_iters = _schur_cg(mv, rmv, da + mu, db + mu, ga, gb, cg_tol, cg_max_iter)
     hd = hess(d)
     gd = jnp.sum(ga * d[0]) + jnp.sum(gb * d[1])
     pred = gd - 0.5 * (jnp.sum(d[0] * hd[0]) + jnp.sum(d[1] * hd[1]))
@@ -247,9 +265,10 @@ def _ladder(geom, budgets, dense_rung, direct_max):
     n, m = geom.shape
     if geom.is_online:
         return tuple(("sparse", min(k, m)) for k in budgets)
-    # A gather/segment-sum product over more than m/8 entries per row costs more
-    # than a dense matrix-vector product: such rungs give way to the exact one.
-    rungs = tuple(("sparse", k) for k in budgets if 8 * k <= m)
+    # A gather/segment-sum product over more than m/12 entries per row costs more
+    # than a dense matrix-vector product (measured on CPU, float64: at k = m/9 twice
+    # as much, at k = m/16 1.6x less): such rungs give way to the exact one.
+    rungs = tuple(("sparse", k) for k in budgets if SPARSE_RATIO * k <= m)
     if dense_rung or not rungs:
         rungs += (("exact", None),)
         if min(n, m) <= direct_max:
@@ -257,6 +276,9 @@ def _ladder(geom, budgets, dense_rung, direct_max):
     return rungs
 
 
+#: Dense geometries keep a sparse rung of ``k`` entries per row only when
+#: ``SPARSE_RATIO * k <= m`` (see `_ladder`).
+SPARSE_RATIO = 12
 #: epsilon-continuation: stage ``k`` solves at ``epsilon * STAGE_FACTOR**k``.
 STAGE_FACTOR = 4.0
 #: the highest stage epsilon, relative to the mean cost.
@@ -318,21 +340,24 @@ def _line_search(problem, geom, s: _State, d, gd, resolvable):
     ), t
 
 
-def _sinkhorn_iters(problem, geom, f, g, iters: int, tol: float, stall: bool):
+def _sinkhorn_iters(problem, geom, f, g, iters: int, tol: float, stall: bool, plan=None):
     """Up to ``iters`` Sinkhorn iterations at ``problem.epsilon`` (kernel engine for
     dense, log domain for online geometries): stops at ``tol`` and, with ``stall``,
-    once a block of 10 iterations reduces the error by less than that factor."""
+    once a block of 10 iterations reduces the error by less than that factor.
+    ``plan``: dense geometries, ``(op, P 1, P^T 1)`` at ``(f, g)``, the kernel's start
+    (see `otlab.solvers.sinkhorn._forward`); then also returns the kernel's final plan,
+    an anchor for `_evaluate` (else ``None``)."""
     if iters == 1:
         eps = problem.epsilon
         f = sinkhorn_lib._half_step(problem.a, f, geom.lse(f, g, eps, 1), eps, problem.tau_a)
         g = sinkhorn_lib._half_step(problem.b, g, geom.lse(f, g, eps, 0), eps, problem.tau_b)
-        return f, g
-    f, g, _ = sinkhorn_lib._forward(
+        return f, g, None
+    f, g, _, *kernel = sinkhorn_lib._forward(
         problem, (f, g, None), mode="log" if geom.is_online else "kernel", tol=tol,
         max_iter=iters, check_every=min(iters, 10), epsilon_decay=0.9, unroll=False,
-        stall=stall,
+        stall=stall, plan=plan,
     )  # fmt: skip
-    return f, g
+    return f, g, (kernel[0] if kernel else None)
 
 
 def _forward(
@@ -429,8 +454,23 @@ def _forward(
 
         def sinkhorn_then_evaluate(iters, stall):
             def run(f, g):
-                f, g = _sinkhorn_iters(pn, geom, f, g, iters, tol, stall)
-                anchor, row, col, obj, na, nb = _fresh(pn, geom, f, g)
+                plan = None
+                if s.anchor is not None:  # static: dense geometries
+                    # The kernel starts from a plan at (f, g): at the same epsilon the
+                    # anchored one by its scalings (no exponentials), at a new epsilon
+                    # one pass of exponentials (not the three of a safe absorption).
+                    op = jax.lax.cond(
+                        stage == s.stage,
+                        lambda: _anchored(pn, geom, s.anchor).moved(f, g),
+                        lambda: geom.plan_operator(f, g, pn.epsilon),
+                    )
+                    ones_n, ones_m = jnp.ones_like(f), jnp.ones_like(g)
+                    plan = (op, op.matvec(ones_m), op.rmatvec(ones_n))
+                f, g, anchor = _sinkhorn_iters(pn, geom, f, g, iters, tol, stall, plan)
+                if anchor is None:  # static
+                    anchor, row, col, obj, na, nb = _fresh(pn, geom, f, g)
+                else:  # the kernel's plan: the marginals by its scalings
+                    row, col, obj, na, nb = _evaluate(pn, geom, f, g, anchor)
                 return f, g, row, col, obj, jnp.sum(jnp.abs(na)) + jnp.sum(jnp.abs(nb)), anchor
 
             return run

@@ -95,10 +95,7 @@ def run(quick: bool = False) -> str:
             )
         ))
         vfn = common.compiled(vsolve, cs_j)
-        common.compiled(solvers[k, mth], cs_j[0], a)  # compile once
-        exe = common._EXECUTABLES[
-            (solvers[k, mth], tuple((jnp.shape(z), jnp.result_type(z)) for z in (cs_j[0], a)))
-        ]
+        exe = solvers[k, mth].lower(cs_j[0], a).compile()  # compiled once, called per problem
 
         def loop(exe=exe):
             return [common.block(exe(cs_j[i], a)) for i in range(batch)]

@@ -762,6 +762,34 @@ def _scores(c: Array, fr: Array, gc: Array) -> Array:
     return fr[:, None] + gc[None, :] - c
 
 
+def _lax_top_k(z: Array, k: int) -> tuple[Array, Array]:
+    """``lax.top_k`` along the last axis as one call on a ``(rows, n)`` operand, also
+    under `jax.vmap`.
+
+    XLA's CPU ``TopK`` runs its fast partial selection only on operands of rank
+    ``<= 2``; a rank-3 operand (which ``vmap`` makes of a ``(lines, n)`` call) is
+    lowered to a full sort of every row (~50x slower at ``16 x 100 x 100``). The
+    leading axes are folded into one here, and a `jax.custom_batching.custom_vmap`
+    rule folds the batch axes that ``vmap`` adds. (Used without gradients: the
+    selections are under ``stop_gradient``.)"""
+    return _top_k_fn(k)(jax.lax.stop_gradient(z))
+
+
+@functools.cache
+def _top_k_fn(k: int):
+    @jax.custom_batching.custom_vmap
+    def top_k(z):
+        lead = z.shape[:-1]
+        v, i = jax.lax.top_k(z.reshape((-1, z.shape[-1])), k)
+        return v.reshape(lead + (k,)), i.reshape(lead + (k,))
+
+    @top_k.def_vmap
+    def _rule(axis_size, in_batched, z):
+        return top_k(z), (in_batched[0], in_batched[0])
+
+    return top_k
+
+
 def _top_k(z: Array, k: int) -> tuple[Array, Array]:
     """``lax.top_k`` along the last axis, fast in float64 too.
 
@@ -772,9 +800,9 @@ def _top_k(z: Array, k: int) -> tuple[Array, Array]:
     differ from an exact selection.
     """
     if z.dtype != jnp.float64 or k + 4 >= z.shape[-1]:
-        return jax.lax.top_k(z, k)
+        return _lax_top_k(z, k)
     m = k + 4
-    cand = jax.lax.top_k(z.astype(jnp.float32), m)[1]
+    cand = _lax_top_k(z.astype(jnp.float32), m)[1]
     vals = jnp.take_along_axis(z, cand, axis=-1)
     j = jnp.arange(m)
     vi, vj = vals[..., :, None], vals[..., None, :]
@@ -860,5 +888,54 @@ def _cost_at(self, rows: Array, cols: Array) -> Array:
     return self.cost_matrix[rows, cols]
 
 
+def _reduce_scores(self, f: Array, g: Array, axis: int, fn, combine) -> Array:
+    """``fn(scores, axis)`` per line of the ``n x m`` scores (``axis=0``: per column);
+    online clouds go block by block, ``combine(parts, 0)`` merging the row blocks'
+    results (``jnp.max`` for a max, ``jnp.sum`` for a count)."""
+    f, g = jax.lax.stop_gradient(f), jax.lax.stop_gradient(g)
+    if axis not in (0, 1):
+        raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
+    if not self.is_online:
+        return fn(_scores(jax.lax.stop_gradient(self.cost_matrix), f, g), axis)
+    x = jax.lax.stop_gradient(self.x)
+    if axis == 1:
+        return _map_blocks(
+            lambda xb, fb: fn(_scores(self._cost_rows(xb), fb, g), 1), self.block_size, (x, f)
+        )
+    bs = self.block_size
+    nb = -(-x.shape[0] // bs)
+    pad = nb * bs - x.shape[0]
+    xp = jnp.pad(x, [(0, pad), (0, 0)], mode="edge")
+    fp = jnp.pad(f, (0, pad), constant_values=-jnp.inf)  # padded rows: score -inf
+    part = jax.lax.map(
+        lambda blk: fn(_scores(self._cost_rows(blk[0]), blk[1], g), 0),
+        (xp.reshape(nb, bs, -1), fp.reshape(nb, bs)),
+    )
+    return combine(part, 0)
+
+
+def _max_score(self, f: Array, g: Array, axis: int = 0) -> Array:
+    """The largest score ``f_i + g_j - C_ij`` of each column (``axis=0``, shape
+    ``(m,)``) or row (``axis=1``, ``(n,)``): one reduction pass, no sort (no gradient)."""
+    return _reduce_scores(self, f, g, axis, lambda s, ax: jnp.max(s, axis=ax), jnp.max)
+
+
+def _count_at_least(self, f: Array, g: Array, t: Array, axis: int = 0) -> Array:
+    """How many scores ``f_i + g_j - C_ij`` of each column (``axis=0``) or row
+    (``axis=1``) are ``>= t`` (one threshold per line): one reduction pass, no sort.
+    With `topk` on a few candidates it certifies a top-``k`` selection (the solver
+    of `otlab.cardinality_constrained` reuses candidates while this count agrees)."""
+    f, g = jax.lax.stop_gradient(f), jax.lax.stop_gradient(g)
+    t = jax.lax.stop_gradient(t)
+    def count(s, ax):
+        return jnp.sum(s >= 0, axis=ax, dtype=jnp.int32)
+
+    if axis == 1:
+        return _reduce_scores(self, f - t, g, 1, count, jnp.sum)
+    return _reduce_scores(self, f, g - t, 0, count, jnp.sum)
+
+
 _GeometryBase.topk = _topk
 _GeometryBase.cost_at = _cost_at
+_GeometryBase.max_score = _max_score
+_GeometryBase.count_at_least = _count_at_least

@@ -323,3 +323,26 @@ def test_unequal_masses_raise():
     c = np.random.default_rng(0).uniform(size=(N, M))
     with pytest.raises(ValueError, match="masses"):
         otlab.cardinality_constrained(c, np.ones(N), np.ones(M), k=2)
+
+
+def test_geometry_score_reductions_and_batched_topk(x64):
+    """`max_score` and `count_at_least` (the Newton loop's certificate of its top-k
+    candidates) agree with the dense scores, online too; under `jax.vmap` the top-k
+    selection stays XLA's TopK (a rank-3 ``top_k`` is lowered to a full sort on CPU)."""
+    x, y, _, _ = _problem(6, 13, 11)
+    rng = np.random.default_rng(0)
+    f, g = jnp.asarray(rng.normal(size=13)), jnp.asarray(rng.normal(size=11))
+    dense = otlab.PointCloud(jnp.asarray(x), jnp.asarray(y))
+    online = otlab.PointCloud(jnp.asarray(x), jnp.asarray(y), block_size=4)
+    s = np.asarray(f)[:, None] + np.asarray(g)[None, :] - np.asarray(dense.cost_matrix)
+    for axis in (0, 1):
+        t = jnp.asarray(np.median(s, axis=axis) - 1e-9)  # no score within rounding of t
+        for geom in (dense, online):
+            np.testing.assert_allclose(geom.max_score(f, g, axis), s.max(axis), rtol=1e-12)
+            np.testing.assert_array_equal(
+                geom.count_at_least(f, g, t, axis), (s >= np.expand_dims(t, axis)).sum(axis)
+            )
+    c = jnp.asarray(rng.normal(size=(4, 30, 40)))
+    topk = jax.jit(jax.vmap(lambda c: otlab.Geometry(c).topk(jnp.zeros(30), jnp.zeros(40), 6, 1)))
+    assert " sort(" not in topk.lower(c).compile().as_text()
+    np.testing.assert_array_equal(topk(c)[2], otlab.Geometry(c[2]).topk(jnp.zeros(30), jnp.zeros(40), 6, 1))

@@ -444,44 +444,169 @@ def _polish(p: Problem, f: Array, g: Array, steps: int = 3):
 
 
 class _State(NamedTuple):
-    """The dual at one point: its top-``k`` support, plan values, value, marginals."""
+    """The dual at one point: its top-``k`` support, plan values, value, marginals,
+    and the candidates that the support was selected from."""
 
     f: Array
     g: Array
-    idx: Array
-    vals: Array
+    idx: Array  # (lines, k + 4) candidates, or (lines, k) top-k
+    vals: Array  # the plan there: zero outside the keep largest
+    smax: Array  # each line's largest score
+    kth: Array  # each line's keep-th score (zero if keep is the whole line)
     value: Array
+    quad: Array  # the value's quadratic term, (gamma / 2) |vals|^2
     row: Array
     col: Array
     err: Array
+    cand: Array  # the candidates (lines, 0 when there are none)
 
 
-def _evaluate(p: Problem, f: Array, g: Array, keep: Array) -> _State:
-    """``D(f, g)`` with its support (one top-``k`` pass), plan and marginals, for the
-    ``keep <= k`` largest scores of each line (``keep`` may be traced: one compiled
-    loop serves every ``keep``)."""
-    idx = p.topk(f, g)
-    kept = jnp.arange(p.k) < keep
-    vals = jnp.where(kept, jax.nn.relu(p.scores(f, g, idx)), 0.0) / p.gamma
-    value = jnp.sum(p.a * f) + jnp.sum(p.b * g) - 0.5 * p.gamma * jnp.sum(vals * vals)
+def _if_any(pred: Array, fn, x):
+    """``fn(x)`` where ``pred``, else ``x``: a `lax.while_loop` of at most one step.
+
+    Unbatched it is a `lax.cond`. Under `jax.vmap` a `lax.cond` on a batched
+    predicate becomes a ``select`` that runs ``fn`` for every problem at every call;
+    this loop runs it (for the whole batch) only when some problem needs it."""
+    return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros_like(c[0]), fn(c[1])), (pred, x))[1]
+
+
+def _n_candidates(p: Problem) -> int:
+    """How many candidates per line the Newton loop keeps (``0``: none, each
+    evaluation is a full top-``k`` pass): dense costs only."""
+    n_other = p.geom.shape[p.axis]
+    if p.geom.is_online or p.k + 8 >= n_other:
+        return 0
+    return p.k + 4
+
+
+def _candidates(p: Problem, f: Array, g: Array) -> Array:
+    kc = _n_candidates(p)
+    if kc == 0:
+        return jnp.zeros((p.geom.shape[1 - p.axis], 0), jnp.int32)
+    return p.geom.topk(f, g, kc, p.axis)
+
+
+def _evaluate(p: Problem, f: Array, g: Array, keep: Array, cand: Array) -> _State:
+    """``D(f, g)`` with its support, plan and marginals, for the ``keep <= k``
+    largest scores of each line (``keep`` may be traced: one compiled loop serves
+    every ``keep``).
+
+    The support is the top-``keep`` of the scores at the ``cand`` entries of each
+    line (the top-``k + 4`` of an earlier point; ranked by pairwise comparisons, no
+    sort), certified by one counting pass over the ``n x m`` scores
+    (`otlab.Geometry.count_at_least`: no entry outside the candidates reaches the
+    ``keep``-th score, when it is positive); where that fails, the candidates are
+    recomputed here by a top-``k + 4`` pass. Between Newton steps few supports
+    change, so most evaluations cost one reduction pass instead of a top-``k``
+    selection (~10x slower on CPU). Without candidates (online geometries): one
+    top-``k`` pass. ``idx`` holds the candidates (or the top-``k``), ``vals`` is zero
+    outside the support.
+    """
+    u, v = p._lines(f, g)
+    n_other = p.geom.shape[p.axis]
+
+    def select(cand):
+        if cand.shape[1] == 0:
+            idx = p.topk(f, g)  # sorted, unless it is the whole line
+            sc = p.scores(f, g, idx)
+            rank = jnp.broadcast_to(jnp.arange(p.k), sc.shape)
+            return idx, sc, rank, jnp.asarray(True)
+        c_cand = p.line_costs(cand)
+        sc = u[:, None] + v[cand] - c_cand
+        j = jnp.arange(cand.shape[1])
+        si, sj = sc[:, :, None], sc[:, None, :]
+        rank = jnp.sum((sj > si) | ((sj == si) & (j[None, :] < j[:, None])), axis=2)
+        # the keep-th score, or (when it is not positive) the smallest positive one:
+        # no entry outside the candidates may reach it
+        kth = jnp.max(jnp.where(rank == keep - 1, sc, -jnp.inf), axis=1)
+        t = jnp.where(kth > 0, kth, jnp.finfo(f.dtype).tiny)
+        inside = jnp.sum((u - t)[:, None] + v[cand] - c_cand >= 0, axis=1, dtype=jnp.int32)
+        full = p.geom.count_at_least(f, g, t, p.axis)
+        return cand, sc, rank, jnp.all(inside == full)
+
+    idx, sc, rank, ok = select(cand)
+
+    def recompute(_):
+        new = _candidates(p, f, g)
+        return (new,) + select(new)[1:3]
+
+    if cand.shape[1]:
+        idx, sc, rank = _if_any(~ok, recompute, (idx, sc, rank))
+    kept = rank < keep
+    vals = jnp.where(kept, jax.nn.relu(sc), 0.0) / p.gamma
+    if p.k < n_other:  # what an entrant must beat: the keep-th score
+        kth = jnp.max(jnp.where(rank == keep - 1, sc, -jnp.inf), axis=1)
+    else:  # the whole line: entering means turning positive
+        kth = jnp.zeros_like(u)
+    quad = 0.5 * p.gamma * jnp.sum(vals * vals)
+    value = jnp.sum(p.a * f) + jnp.sum(p.b * g) - quad
     row, col = p._sums(idx, vals)
     err = jnp.sum(jnp.abs(row - p.a)) + jnp.sum(jnp.abs(col - p.b))
-    return _State(f, g, idx, vals, value, row, col, err)
+    return _State(f, g, idx, vals, jnp.max(sc, axis=1), kth, value, quad, row, col, err,
+                  idx if cand.shape[1] else cand)
+
+
+_DIRECT_MAX = 128
+
+
+def _schur_solve(p: Problem, idx: Array, mask: Array, da: Array, db: Array, rhs):
+    """Solve ``(B + (1/gamma) w w^T) z = rhs`` exactly, with ``B = [[D_l, M/gamma],
+    [M^T/gamma, D_o]]`` in (lines, others) order (``M`` the 0/1 pattern ``mask`` at
+    ``idx``; ``D`` diagonal, positive) and ``w = (a, -b)``: the lines are eliminated
+    (``D_l`` is diagonal), the Schur complement ``S = D_o - M^T D_l^{-1} M /
+    gamma^2`` (``n_other x n_other``, assembled from the ``k^2`` pairs of each line)
+    is formed densely and factored by Cholesky, and the rank-one gauge term is added
+    by Sherman-Morrison.
+
+    A cost independent of the conditioning (conjugate gradient on these graph
+    Laplacians takes from a few to hundreds of steps): under `jax.vmap` no problem
+    waits on another's solve. ``O(n_other^3)``: the Newton loop uses it for
+    ``n_other <= 128``.
+    """
+    inv = 1.0 / p.gamma
+    n_other = p.geom.shape[p.axis]
+    dl, do = p._lines(da, db)
+    wl, wo = p._lines(p.a, -p.b)
+    rl, ro = p._lines(*rhs)
+    lines = jnp.arange(idx.shape[0])[:, None]
+    m = jnp.zeros((idx.shape[0], n_other), mask.dtype).at[lines, idx].add(mask)  # dense M
+    s = jnp.diag(do) - (inv * inv) * (m.T / dl) @ m
+    chol = jax.scipy.linalg.cho_factor(s, lower=True)
+
+    def solve_b(zl, zo):
+        yo = jax.scipy.linalg.cho_solve(chol, zo - inv * ((zl / dl) @ m))
+        return (zl - inv * (m @ yo)) / dl, yo
+
+    xl, xo = solve_b(rl, ro)
+    yl, yo = solve_b(wl, wo)
+    coef = inv * (jnp.sum(wl * xl) + jnp.sum(wo * xo)) / (
+        1.0 + inv * (jnp.sum(wl * yl) + jnp.sum(wo * yo))
+    )
+    return p._join(xl - coef * yl, xo - coef * yo)
 
 
 class _NewtonCarry(NamedTuple):
-    x: _State
-    lam: Array
-    it: Array
-    slow: Array
+    x: _State  # the current iterate (evaluated at the current stage)
+    d: tuple  # the Newton direction from ``x``
+    slope: Array  # <grad D(x), d>
+    t: Array  # the step tried last
+    halvings: Array  # of the current line search
+    lam: Array  # Levenberg-Marquardt damping
+    slow: Array  # stalled steps in a row
+    ref: Array  # the marginal error when it last halved
+    stage: Array
+    it: Array  # Newton steps in this stage
+    total: Array  # Newton steps in all
+    restart: Array  # a new stage: re-evaluate x first
     status: Array
     done: Array
 
 
-def _newton(p: Problem, f0: Array, g0: Array, *, tol, vtol, max_iter, keep=None, patience=3,
-            max_backtrack=20, cg_iter=None):
+def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
+            stage_iter=60, stage_tol=1e-3, patience=3, max_backtrack=20):
     """Maximise ``D`` by a globalised semismooth Newton method (Lorenz, Manns & Meyer
-    2021 for quadratically regularised OT), the support recomputed at every step.
+    2021 for quadratically regularised OT), the support recomputed at every step,
+    along a continuation in ``gamma``.
 
     At ``(f, g)`` the dual is quadratic on the current support (the positive entries
     of the top-``k`` of each line, pattern ``M``): its Hessian is ``-(1/gamma) [[diag(M
@@ -490,172 +615,168 @@ def _newton(p: Problem, f0: Array, g0: Array, *, tol, vtol, max_iter, keep=None,
     ``1 / gamma`` (an entry's worth), plus ``(lam / gamma) I`` (Levenberg-Marquardt:
     ``lam`` is divided by 4 after a full step and multiplied by 4 per backtracking
     halving; the support graph is usually disconnected and each component's gauge
-    direction is a null direction of the Hessian) and the gauge term ``w w^T / gamma``. ``d`` is an ascent direction of the concave
-    ``D``; the step ``t = 1, 1/2, ...`` (at most ``max_backtrack`` halvings) is the
-    first with Armijo's ascent ``D(x + t d) >= D(x) + 1e-4 t <grad, d>``; within the
-    dual's rounding, a step that lowers the marginal error counts as one.
+    direction is a null direction of the Hessian) and the gauge term ``w w^T /
+    gamma``. ``d`` is an ascent direction of the concave ``D``; the step ``t = 1,
+    1/2, ...`` (at most ``max_backtrack`` halvings) is the first with Armijo's ascent
+    ``D(x + t d) >= D(x) + 1e-4 t <grad, d>``; within the dual's rounding, a step that
+    lowers the marginal error counts as one.
 
-    Stops with ``SUCCESS`` once the plan meets the marginals to ``tol * sum(a)`` or
-    when ``patience`` steps in a row raise ``D`` by at most ``vtol`` relative without
-    halving the marginal error, or no step is an ascent (a nonsmooth optimum: a tie between ``k``-th and ``(k+1)``-th
-    scores); ``NONFINITE``; else ``MAX_ITER``. Each iteration costs at most
-    ``max_backtrack + 1`` top-``k`` passes and ``cg_iter`` sparse products: bounded, so
-    ``vmap`` runs the batch in lockstep at little waste.
+    Continuation: ``gamma_s = gamma * factor^(stages - s)`` for ``s = 0, ...,
+    stages``, with all ``p.k`` entries per line, then (when ``keep < p.k``) once more
+    at ``gamma`` with the ``keep`` largest. A small ``gamma`` (the default ``0.1 *
+    mean(C)`` at ``n = 1000`` is one) makes the dual nearly that of unregularised OT:
+    from a cold start many supports change and Newton's local model holds only over
+    short steps (at ``n = 1000`` a cold start at ``gamma`` gained little in 300
+    steps). A larger ``gamma`` spreads each plan over more entries; its optimum is a
+    warm start for the next, smaller one. Each stage before ``gamma`` stops at a
+    marginal error of ``stage_tol * sum(a)`` or after ``stage_iter`` steps; those at
+    ``gamma`` run to ``tol`` or ``max_iter`` steps. A stage also ends (``SUCCESS``)
+    when ``patience`` steps in a row raise ``D`` by at most ``vtol`` relative
+    without halving the marginal error, or when no step is an ascent (a nonsmooth
+    optimum: a tie between ``k``-th and ``(k+1)``-th scores).
+
+    One `lax.while_loop` runs all of it, one trial point per iteration (a new
+    direction, or a halving of the step, or a change of stage): under `jax.vmap` the
+    batch runs in lockstep for the longest problem's number of trials, instead of,
+    with loops nested per stage and per line search, the sum over stages and steps of
+    the batch's longest (a problem that backtracks held up the whole batch). Returns
+    the potentials, the final stage's status and the total of Newton steps.
     """
-    keep = p.k if keep is None else keep
-    inv = 1.0 / p.gamma
-    total = jnp.sum(p.a)
-    gtol = tol * total
+    total_mass = jnp.sum(p.a)
     n_lines, n_other = p.geom.shape[1 - p.axis], p.geom.shape[p.axis]
-    if cg_iter is None:
-        cg_iter = 2 * (n_lines + n_other)
-    cg_tol_floor = 1e-10 if f0.dtype == jnp.float64 else 1e-5
-    eps = jnp.finfo(f0.dtype).eps
-    lam_min, lam_max = (1e-12, 1e8) if f0.dtype == jnp.float64 else (1e-6, 1e6)
+    cg_iter = 2 * (n_lines + n_other)
+    # the linear solve: dense Cholesky of the Schur complement (n_other x n_other)
+    # when it is small, else conjugate gradient (see `_schur_solve`)
+    direct = n_other <= _DIRECT_MAX
+    cg_tol_floor = 1e-10 if x0[0].dtype == jnp.float64 else 1e-5
+    eps = jnp.finfo(x0[0].dtype).eps
+    lam_min, lam_max = (1e-12, 1e8) if x0[0].dtype == jnp.float64 else (1e-6, 1e6)
+    last = stages + int(keep < p.k)  # the index of the final stage
 
-    def direction(x: _State, lam: Array):
+    def at(s):  # the stage's problem, entries kept, tolerance and step cap
+        ps = dataclasses.replace(p, gamma=p.gamma * factor ** jnp.maximum(stages - s, 0))
+        final = s >= stages
+        return (ps, jnp.where(s > stages, keep, p.k), jnp.where(final, tol, stage_tol) * total_mass,
+                jnp.where(final, max_iter, stage_iter))
+
+    def direction(ps: Problem, x: _State, lam: Array, fresh: Array):
+        """The damped Newton direction at ``x`` and ``<grad D, d>`` (zero unless
+        ``fresh``: the conjugate gradient then takes no step)."""
+        inv = 1.0 / ps.gamma
         mask = (x.vals > 0).astype(x.f.dtype)
-        n_row, n_col = p._sums(x.idx, mask)
+        n_row, n_col = ps._sums(x.idx, mask)
         da = inv * (jnp.maximum(n_row, 1.0) + lam)
         db = inv * (jnp.maximum(n_col, 1.0) + lam)
         idx = x.idx
 
         def matvec(z):
             zx, zy = z
-            phi = inv * (jnp.sum(p.a * zx) - jnp.sum(p.b * zy))
-            u, v = p._lines(zx, zy)
+            phi = inv * (jnp.sum(ps.a * zx) - jnp.sum(ps.b * zy))
+            u, v = ps._lines(zx, zy)
             line = inv * jnp.sum(mask * v[idx], axis=1)
             other = inv * jax.ops.segment_sum(
                 (mask * u[:, None]).reshape(-1), idx.reshape(-1), n_other
             )
-            ox, oy = p._join(line, other)
-            return da * zx + ox + p.a * phi, db * zy + oy - p.b * phi
+            ox, oy = ps._join(line, other)
+            return da * zx + ox + ps.a * phi, db * zy + oy - ps.b * phi
 
-        rhs = (p.a - x.row, p.b - x.col)
-        pa, pb = da + inv * p.a**2, db + inv * p.b**2
-        forcing = jnp.clip(x.err / total, cg_tol_floor, 0.1)
-        d, _ = jax.scipy.sparse.linalg.cg(
-            matvec, rhs, tol=forcing, maxiter=cg_iter, M=lambda z: (z[0] / pa, z[1] / pb)
-        )
+        rhs = (jnp.where(fresh, ps.a - x.row, 0.0), jnp.where(fresh, ps.b - x.col, 0.0))
+        if direct:
+            d = _schur_solve(ps, idx, mask, da, db, rhs)
+        else:
+            pa, pb = da + inv * ps.a**2, db + inv * ps.b**2
+            forcing = jnp.clip(x.err / total_mass, cg_tol_floor, 0.1)
+            d, _ = jax.scipy.sparse.linalg.cg(
+                matvec, rhs, tol=forcing, maxiter=cg_iter, M=lambda z: (z[0] / pa, z[1] / pb)
+            )
+        slope = jnp.sum(d[0] * rhs[0]) + jnp.sum(d[1] * rhs[1])
         # an empty point (no positive entry) sees a linear dual until its potential
         # reaches the score that enters a line's top-k: jump there first
-        du, dv = p._lines(*d)
-        nl, no = p._lines(n_row, n_col)
-        scores = p.scores(x.f, x.g, idx)  # (lines, k), decreasing (but see below)
-        u, v = p._lines(x.f, x.g)
-        line_gap = jnp.maximum(-jnp.max(scores, axis=1), 0.0)  # no positive score
-        du = du + jnp.where(nl == 0, line_gap, 0.0)
-        # what an entrant must beat: the keep-th score (the top-k indices are sorted
-        # unless they are the whole line, where entering means turning positive)
-        kth = jnp.take(scores, keep - 1, axis=1) if p.k < n_other else 0.0 * scores[:, 0]
-        thr = jnp.maximum(kth, 0.0)
+        du, dv = ps._lines(*d)
+        nl, no = ps._lines(n_row, n_col)
+        u, v = ps._lines(x.f, x.g)
+        line_gap = jnp.maximum(-x.smax, 0.0)  # no positive score
+        du = du + jnp.where(fresh & (nl == 0), line_gap, 0.0)
+        thr = jnp.maximum(x.kth, 0.0)  # what an entrant must beat
+        empty = fresh & (no == 0)
 
-        def other_gap(_):  # one top-1 pass over the n x m scores: only when needed
-            best = p.geom.topk(*p._join(u - thr, v), 1, 1 - p.axis)[:, 0]  # (others,)
-            others = jnp.arange(n_other)
-            cb = p.geom.cost_at(best, others) if p.axis == 1 else p.geom.cost_at(others, best)
-            return jnp.maximum(thr[best] - (u[best] + v - cb), 0.0)
+        def other_gap(_):  # one max pass over the n x m scores: only when needed
+            return jnp.maximum(-ps.geom.max_score(*ps._join(u - thr, v), 1 - ps.axis), 0.0)
 
-        empty = no == 0
-        gap = jax.lax.cond(jnp.any(empty), other_gap, jnp.zeros_like, v)
+        gap = _if_any(jnp.any(empty), other_gap, jnp.zeros_like(v))
         dv = dv + jnp.where(empty, gap, 0.0)
-        return p._join(du, dv), rhs
+        return ps._join(du, dv), slope
 
     def body(c: _NewtonCarry) -> _NewtonCarry:
         x = c.x
-        (df, dg), (rf, rg) = direction(x, c.lam)
-        slope = jnp.sum(df * rf) + jnp.sum(dg * rg)  # <grad D, d> > 0
+        ps, keep_s, gtol_s, cap_s = at(c.stage)
+        # a new stage first re-evaluates x (its gamma, its entries kept); a stage
+        # that starts at its tolerance takes no step
+        restart = c.restart
+        skip = ~restart & (x.err <= gtol_s)
+        fresh = (c.halvings == 0) & ~skip & ~restart
+        d, slope = _if_any(
+            fresh, lambda _: direction(ps, x, c.lam, fresh), (c.d, c.slope)
+        )
+        t = jnp.where(c.halvings == 0, 1.0, 0.5 * c.t).astype(c.t.dtype)
+        y = _evaluate(
+            ps, jnp.where(restart, x.f, x.f + t * d[0]), jnp.where(restart, x.g, x.g + t * d[1]),
+            keep_s, x.cand,
+        )
+        # the gain, from the differences of the potentials; within the value's rounding
+        # a step that lowers the marginal error counts as an ascent
+        lin = jnp.sum(ps.a * (y.f - x.f)) + jnp.sum(ps.b * (y.g - x.g))
+        gain = lin - (y.quad - x.quad)
         slack = 16 * eps * (
-            jnp.abs(x.value) + jnp.sum(jnp.abs(p.a * x.f)) + jnp.sum(jnp.abs(p.b * x.g))
+            jnp.abs(x.value) + jnp.sum(jnp.abs(ps.a * x.f)) + jnp.sum(jnp.abs(ps.b * x.g))
         )
-
-        def trial(t):
-            return _evaluate(p, x.f + t * df, x.g + t * dg, keep)
-
-        def accept(y, t):
-            return (y.value >= x.value + 1e-4 * t * slope) | (
-                (y.value >= x.value - slack) & (y.err < x.err)
-            )
-
-        def bt_cond(s):
-            t, y, n = s
-            return ~accept(y, t) & (n < max_backtrack)
-
-        def bt_body(s):
-            t, _, n = s
-            return 0.5 * t, trial(0.5 * t), n + 1
-
-        one = jnp.asarray(1.0, x.f.dtype)
-        t, y, halvings = jax.lax.while_loop(
-            bt_cond, bt_body, (one, trial(one), jnp.asarray(0))
-        )
+        accept = (gain >= 1e-4 * t * slope) | ((gain >= -slack) & (y.err < x.err))
+        # a step ends: accepted, or the last halving refused (x stays)
+        stepped = ~skip & ~restart & (accept | (c.halvings >= max_backtrack))
+        ok = accept & jnp.isfinite(y.value)
+        fy, gy = ps.gauge(y.f, y.g)
+        y = y._replace(f=fy, g=gy)
+        new = jax.tree.map(lambda u, v: jnp.where(restart | (stepped & ok), u, v), y, x)
         # Levenberg-Marquardt: a full step shrinks the damping, each halving grows it
-        lam = jnp.clip(c.lam * 4.0 ** (2 * halvings - 1), lam_min, lam_max)
-        ok = accept(y, t) & jnp.isfinite(y.value)
-        f2, g2 = p.gauge(y.f, y.g)
-        y = y._replace(f=f2, g=g2)
-        new = jax.tree.map(lambda u, v: jnp.where(ok, u, v), y, x)
-        gain = new.value - x.value
+        lam = jnp.where(
+            stepped, jnp.clip(c.lam * 4.0 ** (2 * c.halvings - 1), lam_min, lam_max), c.lam
+        )
+        gain = jnp.where(stepped & ok, gain, 0.0)
         # stalled: neither the value nor the marginal error improves (at a tie the
         # error stays put; near a smooth optimum the value's gain drops below its
         # resolution while the error still shrinks)
-        small = ~(gain > vtol * jnp.maximum(jnp.abs(x.value), 1.0)) & ~(new.err < 0.5 * x.err)
-        slow = jnp.where(small, c.slow + 1, 0)
-        it = c.it + 1
-        met = new.err <= gtol
-        stationary = ~ok | (slow >= patience)
+        halved = new.err < 0.5 * c.ref
+        ref = jnp.where(restart | (stepped & halved), new.err, c.ref)
+        small = ~(gain > vtol * jnp.maximum(jnp.abs(x.value), 1.0)) & ~halved
+        slow = jnp.where(stepped, jnp.where(small, c.slow + 1, 0), c.slow)
+        it = c.it + stepped
         finite = jnp.isfinite(new.value)
+        met = new.err <= gtol_s
+        stationary = stepped & (~ok | (slow >= patience))
+        end = skip | ~finite | (stepped & (met | stationary | (it >= cap_s)))
         status = jnp.where(
             ~finite, Status.NONFINITE,
-            jnp.where(met | stationary, Status.SUCCESS, Status.MAX_ITER),
+            jnp.where(met | skip | stationary, Status.SUCCESS, Status.MAX_ITER),
         ).astype(jnp.int32)
-        done = ~finite | met | stationary | (it >= max_iter)
-        return _NewtonCarry(new, lam, it, slow, status, done)
-
-    x0 = _evaluate(p, *p.gauge(f0, g0), keep)
-    finite0 = jnp.isfinite(x0.value)
-    met0 = x0.err <= gtol
-    c = _NewtonCarry(
-        x0, jnp.asarray(1.0, f0.dtype), jnp.asarray(0), jnp.asarray(0),
-        jnp.where(finite0, jnp.where(met0, Status.SUCCESS, Status.MAX_ITER),
-                  Status.NONFINITE).astype(jnp.int32),
-        ~finite0 | met0,
-    )
-    c = jax.lax.while_loop(lambda c: ~c.done, body, c)
-    return c.x.f, c.x.g, c.status, c.it
-
-
-def _continuation(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
-                  stage_iter=60, stage_tol=1e-3):
-    """Semismooth Newton along ``gamma_s = gamma * factor^s``, ``s = stages, ..., 0``,
-    with all ``p.k`` entries per line, then once more at ``gamma`` with ``keep``.
-
-    A small ``gamma`` (the default ``0.1 * mean(C)`` at ``n = 1000`` is one) makes the
-    dual nearly that of unregularised OT: from a cold start many supports change and
-    Newton's local model holds only over short steps (at ``n = 1000`` a cold start at
-    ``gamma`` gained little in 300 steps). A larger ``gamma`` spreads each plan over
-    more entries; its optimum is a warm start for the next, smaller one. Each stage
-    before ``gamma`` stops at a marginal error of ``stage_tol * sum(a)`` or after
-    ``stage_iter`` steps; the two at ``gamma`` run to ``tol`` or ``max_iter`` (the second
-    only when ``keep < p.k``). One `lax.fori_loop` over the stages, so one
-    compiled Newton loop. Returns the last stage's potentials and status and the
-    total of Newton steps.
-    """
-
-    def stage(s, carry):
-        f, g, _, total = carry
-        ps = dataclasses.replace(p, gamma=p.gamma * factor ** jnp.maximum(stages - s, 0))
-        final = s >= stages
-        f, g, status, it = _newton(
-            ps, f, g, tol=jnp.where(final, tol, stage_tol), vtol=vtol,
-            max_iter=jnp.where(final, max_iter, stage_iter), keep=jnp.where(s > stages, keep, p.k),
+        done = end & ((c.stage >= last) | ~finite)
+        nxt = end & ~done  # the next stage
+        return _NewtonCarry(
+            new, d, slope, t, jnp.where(stepped | skip | restart, 0, c.halvings + 1),
+            jnp.where(nxt, 1.0, lam).astype(lam.dtype), jnp.where(nxt, 0, slow), ref,
+            c.stage + nxt, jnp.where(nxt, 0, it), c.total + stepped, nxt, status, done,
         )
-        return f, g, status, total + it
 
     f0, g0 = x0
-    zero = jnp.asarray(0)
-    n_stages = stages + 1 + int(keep < p.k)
-    return jax.lax.fori_loop(0, n_stages, stage, (f0, g0, zero.astype(jnp.int32), zero))
+    ps0, keep0, _, _ = at(jnp.asarray(0))
+    x = _evaluate(ps0, *p.gauge(f0, g0), keep0, _candidates(p, *p.gauge(f0, g0)))
+    zero, one = jnp.asarray(0), jnp.asarray(1.0, f0.dtype)
+    finite0 = jnp.isfinite(x.value)
+    c = _NewtonCarry(
+        x, (jnp.zeros_like(f0), jnp.zeros_like(g0)), 0 * one, one, zero, one, zero, x.err, zero,
+        zero, zero, jnp.asarray(False), jnp.where(finite0, Status.MAX_ITER, Status.NONFINITE).astype(jnp.int32), ~finite0,
+    )
+    c = jax.lax.while_loop(lambda c: ~c.done, body, c)
+    return c.x.f, c.x.g, c.status, c.total
 
 
 def _error(p: Problem, f: Array, g: Array) -> Array:
@@ -685,7 +806,7 @@ def _phase1(problem: Problem, init, *, method, formulation, tol, max_iter, memor
         # such kinks, and from its optimum the k-sparse run has few supports to fix.
         # (a whole line's top-k indices come unsorted: keep k' below the line length)
         k_pre = max(p.k, min(p.geom.shape[p.axis] - 1, 4 * p.k + 1))
-        f, g, status, it = _continuation(
+        f, g, status, it = _newton(
             dataclasses.replace(p, k=k_pre), x0, keep=p.k, tol=tol, vtol=vtol,
             max_iter=max_iter,
         )
@@ -779,6 +900,31 @@ def _refine(problem: Problem, init, *, tol, max_steps):
     return f, g, None
 
 
+def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol) -> Array:
+    """The support for phase 2: the top-``k`` at the dual's optimum, or, when no plan
+    on it meets the marginals, the top-``k`` after one step on the other side's
+    potential towards its marginal (``+ gamma (w - T 1)``, ``w`` that side's weights).
+
+    At a tie (the dual's optimum lies on a kink) each tied line keeps an arbitrary
+    ``k`` of its tied entries, and the restricted problem can be infeasible: some
+    point on the other side then lacks mass (or has too much) for any plan on that
+    support. The step raises the scores of the points that lack mass by what one
+    entry would need and lowers those in excess, so that the ties break in their
+    favour; lines away from ties keep their support. Costs one trial of phase 2 (no
+    gradient), and one more top-``k`` pass only where the first support fails.
+    """
+    gtol = tol * jnp.sum(p.a)
+    first = dataclasses.replace(p, support=support)
+    f1, g1, _ = _refine(first, (f, g), tol=tol, max_steps=50)
+    ok = _error(first, f1, g1) <= gtol
+    row, col = first.marginals(f, g)
+    if p.axis == 0:  # lines are columns: the other side is the rows
+        f2, g2 = f + p.gamma * (p.a - row), g
+    else:
+        f2, g2 = f, g + p.gamma * (p.b - col)
+    return _if_any(~ok, lambda s: p.topk(f2, g2), support)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -805,6 +951,7 @@ def _solve(
     support = problem.topk(f1, g1)  # one top-k pass serves the value and phase 2
     dual_value = problem.dual(f1, g1, support)  # envelope: d/dC = -plan, d/da = f
     # Phase 2: the support of the dual's plan, fixed; implicit gradients of this problem.
+    support = _feasible_support(jax.lax.stop_gradient(problem), f1, g1, support, tol)
     restricted = dataclasses.replace(problem, support=support)
     f, g, _ = implicit.solve(
         functools.partial(_refine, tol=tol, max_steps=50), restricted, (f1, g1), implicit_diff

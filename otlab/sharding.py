@@ -309,6 +309,36 @@ class ShardedGeometry(_GeometryBase):
         _, pos = geometry_lib._top_k(cand_v, kk)
         return jnp.take_along_axis(cand_i, pos, axis=1).astype(jnp.int32)
 
+    def max_score(self, f: Array, g: Array, axis: int = 0) -> Array:
+        """`otlab.PointCloud.max_score`: per row (``axis=1``) on the device holding it;
+        per column (``axis=0``) each device's maximum, one ``pmax`` of length ``m``."""
+        f, g = jax.lax.stop_gradient(f), jax.lax.stop_gradient(g)
+        if axis == 1:
+            return self._smap(lambda geom, f, g: geom.max_score(f, g, 1), self._row, (f,), (g,))
+        if axis != 0:
+            raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
+        names = self._names()
+        return self._smap(
+            lambda geom, f, g: jax.lax.pmax(geom.max_score(f, g, 0), names), P(), (f,), (g,)
+        )
+
+    def count_at_least(self, f: Array, g: Array, t: Array, axis: int = 0) -> Array:
+        """`otlab.PointCloud.count_at_least`: per row (``axis=1``, ``t`` split like the
+        rows) on the device holding it; per column (``axis=0``) a ``psum`` of the devices'
+        counts, length ``m``."""
+        f, g, t = (jax.lax.stop_gradient(v) for v in (f, g, t))
+        if axis == 1:
+            return self._smap(
+                lambda geom, f, t, g: geom.count_at_least(f, g, t, 1), self._row, (f, t), (g,)
+            )
+        if axis != 0:
+            raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
+        names = self._names()
+        return self._smap(
+            lambda geom, f, g, t: jax.lax.psum(geom.count_at_least(f, g, t, 0), names),
+            P(), (f,), (g, t),
+        )  # fmt: skip
+
     def cost_at(self, rows: Array, cols: Array) -> Array:
         """`otlab.PointCloud.cost_at`: ``C[rows, cols]`` for global (replicated) index
         arrays; each device prices the pairs whose row it holds, one ``psum``."""

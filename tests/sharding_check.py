@@ -100,15 +100,21 @@ def equality(mesh):
     g = jax.random.normal(jax.random.key(4), (40,))
     rows, cols = jnp.asarray([[0, 63], [17, 40]]), jnp.asarray([[1, 39], [5, 0]])
 
-    def picks(geom):  # (one compile for every selection and the gathered costs)
-        return [geom.topk(f, g, k, axis) for axis in (0, 1) for k in (1, 10)], geom.cost_at(rows, cols)
+    def picks(geom):  # (one compile for every selection, reduction and gathered cost)
+        return (
+            [geom.topk(f, g, k, axis) for axis in (0, 1) for k in (1, 10)],
+            geom.cost_at(rows, cols),
+            [geom.max_score(f, g, axis) for axis in (0, 1)],
+            [geom.count_at_least(f, g, jnp.full(len(v), 0.5), axis) for axis, v in ((0, g), (1, f))],
+        )
 
     for bs in (None, 16):
         single = otlab.PointCloud(x, y, block_size=bs)
-        ours = jax.jit(picks)(sharding.shard(single, mesh))
-        same = [bool(jnp.all(u == v)) for u, v in zip(picks(single)[0], ours[0], strict=True)]
-        gap = jnp.max(jnp.abs(single.cost_at(rows, cols) - ours[1]))
-        out[f"topk_{'online' if bs else 'dense'}"] = {"same": same, "cost_at": float(gap)}
+        ours, ref = jax.jit(picks)(sharding.shard(single, mesh)), picks(single)
+        same = [bool(jnp.all(u == v)) for u, v in zip(ref[0] + ref[3], ours[0] + ours[3], strict=True)]
+        gap = jnp.max(jnp.abs(ref[1] - ours[1]))
+        top = max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(ref[2], ours[2], strict=True))
+        out[f"topk_{'online' if bs else 'dense'}"] = {"same": same, "cost_at": float(gap), "max_score": top}
     # cardinality-constrained OT: the solver's top-k, sums and Newton passes go through
     # the sharded geometry (dense: the rows stay split, no transposed copy)
     def card(bs, axis):

@@ -27,6 +27,7 @@ MODULES = [
     "otlab.metric.fit",
     "otlab.metric.synthetic",
     "otlab.geodesic",
+    "otlab._control",
 ]
 
 

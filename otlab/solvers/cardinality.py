@@ -64,6 +64,7 @@ import optax.tree_utils as otu
 
 from otlab import _checks, implicit
 from otlab import geometry as geometry_lib
+from otlab._control import if_any
 from otlab.geometry import GeometryLike
 from otlab.solution import Status
 
@@ -461,15 +462,6 @@ class _State(NamedTuple):
     cand: Array  # the candidates (lines, 0 when there are none)
 
 
-def _if_any(pred: Array, fn, x):
-    """``fn(x)`` where ``pred``, else ``x``: a `lax.while_loop` of at most one step.
-
-    Unbatched it is a `lax.cond`. Under `jax.vmap` a `lax.cond` on a batched
-    predicate becomes a ``select`` that runs ``fn`` for every problem at every call;
-    this loop runs it (for the whole batch) only when some problem needs it."""
-    return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros_like(c[0]), fn(c[1])), (pred, x))[1]
-
-
 def _n_candidates(p: Problem) -> int:
     """How many candidates per line the Newton loop keeps (``0``: none, each
     evaluation is a full top-``k`` pass): dense costs only."""
@@ -531,7 +523,7 @@ def _evaluate(p: Problem, f: Array, g: Array, keep: Array, cand: Array) -> _Stat
         return (new,) + select(new)[1:3]
 
     if cand.shape[1]:
-        idx, sc, rank = _if_any(~ok, recompute, (idx, sc, rank))
+        idx, sc, rank = if_any(~ok, recompute, (idx, sc, rank))
     kept = rank < keep
     vals = jnp.where(kept, jax.nn.relu(sc), 0.0) / p.gamma
     if p.k < n_other:  # what an entrant must beat: the keep-th score
@@ -703,7 +695,7 @@ def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
         def other_gap(_):  # one max pass over the n x m scores: only when needed
             return jnp.maximum(-ps.geom.max_score(*ps._join(u - thr, v), 1 - ps.axis), 0.0)
 
-        gap = _if_any(jnp.any(empty), other_gap, jnp.zeros_like(v))
+        gap = if_any(jnp.any(empty), other_gap, jnp.zeros_like(v))
         dv = dv + jnp.where(empty, gap, 0.0)
         return ps._join(du, dv), slope
 
@@ -715,7 +707,7 @@ def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
         restart = c.restart
         skip = ~restart & (x.err <= gtol_s)
         fresh = (c.halvings == 0) & ~skip & ~restart
-        d, slope = _if_any(
+        d, slope = if_any(
             fresh, lambda _: direction(ps, x, c.lam, fresh), (c.d, c.slope)
         )
         t = jnp.where(c.halvings == 0, 1.0, 0.5 * c.t).astype(c.t.dtype)
@@ -922,7 +914,7 @@ def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol) -> Ar
         f2, g2 = f + p.gamma * (p.a - row), g
     else:
         f2, g2 = f, g + p.gamma * (p.b - col)
-    return _if_any(~ok, lambda s: p.topk(f2, g2), support)
+    return if_any(~ok, lambda s: p.topk(f2, g2), support)
 
 
 @functools.partial(

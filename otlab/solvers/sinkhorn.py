@@ -54,6 +54,7 @@ import jax.numpy as jnp
 
 from otlab import _checks, _dual, implicit, solution
 from otlab._checks import Init
+from otlab._control import if_any
 from otlab.costs import CostLike
 from otlab.geometry import GeometryLike, PlanOperator
 from otlab.solution import OTSolution, Status
@@ -152,7 +153,7 @@ class _LogEngine:
         return jnp.exp(s.log_row), jnp.exp(s.log_col)
 
     @staticmethod
-    def maybe_absorb(p, geom, s, sym=False):
+    def maybe_absorb(p, geom, s, sym=False, differentiable=False):
         return s
 
     @staticmethod
@@ -274,7 +275,7 @@ class _KernelEngine:
         return jnp.exp(s.log_u) * s.kv, jnp.exp(s.log_v) * s.ku
 
     @staticmethod
-    def maybe_absorb(p, geom, s: _KernelState, sym=False):
+    def maybe_absorb(p, geom, s: _KernelState, sym=False, differentiable=False):
         """Rebuild the kernel when the scalings grew past 3/4 of the bound (one pass
         of exponentials; see `end_block`), or safely after a discarded block or a
         failed verification (three passes)."""
@@ -283,13 +284,14 @@ class _KernelEngine:
             # Safe absorption after a discarded block: one log-domain iteration first
             # (a nested cond: one traced copy of the kernel build serves every case).
             f, g = _KernelEngine.potentials(s)
-            f, g = jax.lax.cond(
-                s.stale, lambda f, g: _KernelEngine._log_iteration(p, geom, f, g, s.eps, None, sym),
-                lambda f, g: (f, g), f, g,
+            f, g = if_any(
+                s.stale, lambda fg: _KernelEngine._log_iteration(p, geom, *fg, s.eps, None, sym),
+                (f, g), differentiable=differentiable,
             )  # fmt: skip
             return _KernelEngine._build(p, geom, f, g, s.eps)
 
-        return jax.lax.cond(s.stale | s.grown, rebuild, lambda s: s, s)
+        # (`if_any`: under vmap only when some problem needs it, not a select per block)
+        return if_any(s.stale | s.grown, rebuild, s, differentiable=differentiable)
 
 
 # --------------------------------------------------------------------------- loop
@@ -439,7 +441,7 @@ def _forward(
             return (jnp.sum(jnp.abs(ra)) + jnp.sum(jnp.abs(rb))).astype(err.dtype)
 
         p = problem
-        err = jax.lax.cond(converged, log_error, lambda s: err, s)
+        err = if_any(converged, lambda _: log_error(s), err, differentiable=unroll)
         ok = err <= tol
         if mode == "kernel":
             s = s._replace(stale=s.stale | (converged & ~ok))
@@ -455,8 +457,8 @@ def _forward(
         eps = eps_at(loop.block)
         s = loop.state
         if epsilon_init is not None:  # static: annealing on or off
-            s = jax.lax.cond(eps != s.eps, lambda s: new_epsilon(s, eps), lambda s: s, s)
-        s = engine.maybe_absorb(problem, geom, s, symmetric)
+            s = if_any(eps != s.eps, lambda s: new_epsilon(s, eps), s, differentiable=unroll)
+        s = engine.maybe_absorb(problem, geom, s, symmetric, differentiable=unroll)
         if unroll:
             ran = length
             s, _ = jax.lax.scan(lambda s, _: (engine.step(problem, geom, s, symmetric), None), s, length=ran)

@@ -892,8 +892,8 @@ def _refine(problem: Problem, init, *, tol, max_steps):
     return f, g, None
 
 
-def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol) -> Array:
-    """The support for phase 2: the top-``k`` at the dual's optimum, or, when no plan
+def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol):
+    """The support for phase 2 and its start: the top-``k`` at the dual's optimum, or, when no plan
     on it meets the marginals, the top-``k`` after one step on the other side's
     potential towards its marginal (``+ gamma (w - T 1)``, ``w`` that side's weights).
 
@@ -904,6 +904,9 @@ def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol) -> Ar
     entry would need and lowers those in excess, so that the ties break in their
     favour; lines away from ties keep their support. Costs one trial of phase 2 (no
     gradient), and one more top-``k`` pass only where the first support fails.
+    Returns the support and phase 2's start: that trial's potentials (refined where the
+    first support is kept, so phase 2 does not repeat its steps; ``(f, g)`` unchanged
+    where it failed, as `_refine` returns its start then).
     """
     gtol = tol * jnp.sum(p.a)
     first = dataclasses.replace(p, support=support)
@@ -914,7 +917,7 @@ def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol) -> Ar
         f2, g2 = f + p.gamma * (p.a - row), g
     else:
         f2, g2 = f, g + p.gamma * (p.b - col)
-    return if_any(~ok, lambda s: p.topk(f2, g2), support)
+    return if_any(~ok, lambda s: p.topk(f2, g2), support), (f1, g1)
 
 
 @functools.partial(
@@ -943,10 +946,10 @@ def _solve(
     support = problem.topk(f1, g1)  # one top-k pass serves the value and phase 2
     dual_value = problem.dual(f1, g1, support)  # envelope: d/dC = -plan, d/da = f
     # Phase 2: the support of the dual's plan, fixed; implicit gradients of this problem.
-    support = _feasible_support(jax.lax.stop_gradient(problem), f1, g1, support, tol)
+    support, start = _feasible_support(jax.lax.stop_gradient(problem), f1, g1, support, tol)
     restricted = dataclasses.replace(problem, support=support)
     f, g, _ = implicit.solve(
-        functools.partial(_refine, tol=tol, max_steps=50), restricted, (f1, g1), implicit_diff
+        functools.partial(_refine, tol=tol, max_steps=50), restricted, start, implicit_diff
     )
     idx, vals = restricted.sparse_plan(f, g)
     row, col = restricted._sums(idx, vals)

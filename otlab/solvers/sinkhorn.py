@@ -282,7 +282,7 @@ class _KernelEngine:
 
         def rebuild(s):
             # Safe absorption after a discarded block: one log-domain iteration first
-            # (a nested cond: one traced copy of the kernel build serves every case).
+            # (a nested `if_any`: one traced copy of the kernel build serves every case).
             f, g = _KernelEngine.potentials(s)
             f, g = if_any(
                 s.stale, lambda fg: _KernelEngine._log_iteration(p, geom, *fg, s.eps, None, sym),

@@ -916,7 +916,14 @@ def _reduce_scores(self, f: Array, g: Array, axis: int, fn, combine) -> Array:
 
 def _max_score(self, f: Array, g: Array, axis: int = 0) -> Array:
     """The largest score ``f_i + g_j - C_ij`` of each column (``axis=0``, shape
-    ``(m,)``) or row (``axis=1``, ``(n,)``): one reduction pass, no sort (no gradient)."""
+    ``(m,)``) or row (``axis=1``, ``(n,)``): one reduction pass, no sort (no gradient).
+
+    Example:
+        >>> import jax.numpy as jnp, otlab
+        >>> geom = otlab.Geometry(jnp.array([[0.0, 2.0], [1.0, 0.5]]))
+        >>> geom.max_score(jnp.zeros(2), jnp.zeros(2), axis=0)
+        Array([ 0. , -0.5], dtype=float32)
+    """
     return _reduce_scores(self, f, g, axis, lambda s, ax: jnp.max(s, axis=ax), jnp.max)
 
 
@@ -924,7 +931,14 @@ def _count_at_least(self, f: Array, g: Array, t: Array, axis: int = 0) -> Array:
     """How many scores ``f_i + g_j - C_ij`` of each column (``axis=0``) or row
     (``axis=1``) are ``>= t`` (one threshold per line): one reduction pass, no sort.
     With `topk` on a few candidates it certifies a top-``k`` selection (the solver
-    of `otlab.cardinality_constrained` reuses candidates while this count agrees)."""
+    of `otlab.cardinality_constrained` reuses candidates while this count agrees).
+
+    Example:
+        >>> import jax.numpy as jnp, otlab
+        >>> geom = otlab.Geometry(jnp.array([[0.0, 2.0], [1.0, 0.5]]))
+        >>> geom.count_at_least(jnp.zeros(2), jnp.zeros(2), jnp.array([-1.0, -1.0]), axis=1)
+        Array([1, 2], dtype=int32)
+    """
     f, g = jax.lax.stop_gradient(f), jax.lax.stop_gradient(g)
     t = jax.lax.stop_gradient(t)
     def count(s, ax):

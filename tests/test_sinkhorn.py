@@ -214,6 +214,45 @@ def test_vmap_equals_loop(dtype):
                                        atol=tol["atol"] * 10, err_msg=key)
 
 
+@pytest.mark.parametrize("mode", ["kernel", "log"])
+def test_vmap_equals_loop_when_problems_take_different_paths(mode):
+    """Under vmap, a problem whose kernel must be rebuilt (annealing, scalings past
+    their bound) or whose converged block awaits verification idles while the others
+    run (`_forward`'s two loops): the iterates, counts and statuses are each problem's
+    own. Problems: annealed from 30x epsilon; plain; translated far at small epsilon,
+    which stops at ``max_iter`` (float32: the scalings leave their bound); started at
+    its own solution (converges in the first check)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(4, 40, 2)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(50, 2)) * 0.8, jnp.float32)
+    shift = jnp.asarray([0.0, 0.0, 6.0, 0.5], jnp.float32)[:, None, None]
+    xs = x + shift
+    eps = jnp.asarray([0.1, 0.2, 0.01, 0.1], jnp.float32)
+    eps_init = jnp.asarray([1.0, 0.2, 0.01, 0.1], jnp.float32)
+    kw = dict(mode=mode, max_iter=400, tol=1e-4)
+    exact = otlab.sinkhorn(otlab.PointCloud(xs[3], y), epsilon=eps[3], **kw)
+    f0 = jnp.zeros((4, 40), jnp.float32).at[3].set(exact.f)
+    g0 = jnp.zeros((4, 50), jnp.float32).at[3].set(exact.g)
+
+    def run(x, e, e0, f, g):
+        sol = otlab.sinkhorn(otlab.PointCloud(x, y), epsilon=e, epsilon_init=e0, init=(f, g), **kw)
+        return sol.f, sol.status, sol.n_iter
+
+    batched = jax.jit(jax.vmap(run))(xs, eps, eps_init, f0, g0)
+    one = jax.jit(run)
+    statuses = []
+    for i in range(4):
+        f, status, n_iter = one(xs[i], eps[i], eps_init[i], f0[i], g0[i])
+        statuses.append((int(status), int(n_iter)))
+        assert int(batched[1][i]) == int(status), i
+        assert int(batched[2][i]) == int(n_iter), i
+        if int(status) == Status.SUCCESS:
+            np.testing.assert_allclose(batched[0][i], f, rtol=1e-4, atol=1e-4 * float(eps[i]))
+    assert [s for s, _ in statuses] == [Status.SUCCESS, Status.SUCCESS, Status.MAX_ITER, Status.SUCCESS]
+    assert statuses[3][1] < 10  # started at its solution
+    assert statuses[0][1] > 2 * statuses[1][1]  # the annealed one ran longer
+
+
 @pytest.mark.parametrize("geom_kind", ["point_cloud", "cost_matrix"])
 def test_vmap_returns_a_batched_solution(geom_kind, x64):
     """DESIGN: solutions are pytrees and vmap over them works (the solution itself is

@@ -157,6 +157,18 @@ class _LogEngine:
         return s
 
     @staticmethod
+    def needs_rebuild(s):
+        return jnp.asarray(False)
+
+    @staticmethod
+    def split(s):
+        return None, s
+
+    @staticmethod
+    def join(invariant, s):
+        return s
+
+    @staticmethod
     def end_block(p, start, s):
         return s
 
@@ -293,6 +305,20 @@ class _KernelEngine:
         # (`if_any`: under vmap only when some problem needs it, not a select per block)
         return if_any(s.stale | s.grown, rebuild, s, differentiable=differentiable)
 
+    @staticmethod
+    def needs_rebuild(s: _KernelState):
+        return s.stale | s.grown
+
+    @staticmethod
+    def split(s: _KernelState):
+        """``(K~, the rest)``: the kernel is constant between rebuilds, so the loop over
+        blocks closes over it instead of carrying it (see `_forward`)."""
+        return s.op, s._replace(op=None)
+
+    @staticmethod
+    def join(op, s: _KernelState) -> _KernelState:
+        return s._replace(op=op)
+
 
 # --------------------------------------------------------------------------- loop
 
@@ -310,6 +336,8 @@ class _Loop(NamedTuple):
     errors: Array
     status: Array
     done: Array
+    pending: Array  # the last block looks converged: verify it (`settle`)
+    slot: Array  # the entry of ``errors`` the last block wrote
 
 
 def _translation(p: _dual.Problem, geom, f, g, eps):
@@ -447,18 +475,26 @@ def _forward(
             s = s._replace(stale=s.stale | (converged & ~ok))
         return s, err, converged & ok
 
-    def body(loop: _Loop, length: int = check_every) -> _Loop:
-        """One block: ``length`` iterations, then the residual check. The first block
-        is checked after every iteration (a block of one iteration each time, with
-        ``loop.block`` still 0), so that a good start (``init``) that converges within
-        it stops there. One traced copy of the iteration and of the check serves both
-        (a separate first-block scan doubled the kernels XLA compiles); with ``unroll``
-        every block is a fixed-length scan (reverse-differentiable)."""
+    def prepare(loop: _Loop) -> _Loop:
+        """Before a block: a new epsilon (annealing), a kernel rebuilt where needed.
+        The rare, expensive branches (`if_any`)."""
         eps = eps_at(loop.block)
         s = loop.state
         if epsilon_init is not None:  # static: annealing on or off
             s = if_any(eps != s.eps, lambda s: new_epsilon(s, eps), s, differentiable=unroll)
         s = engine.maybe_absorb(problem, geom, s, symmetric, differentiable=unroll)
+        return loop._replace(state=s)
+
+    def run_block(loop: _Loop, length: int = check_every) -> _Loop:
+        """One block: ``length`` iterations, then the O(n + m) residual check. A block
+        that looks converged is marked ``pending``: `settle` verifies it. The first
+        block is checked after every iteration (a block of one iteration each time,
+        with ``loop.block`` still 0), so that a good start (``init``) that converges
+        within it stops there. One traced copy of the iteration and of the check serves
+        both (a separate first-block scan doubled the kernels XLA compiles); with
+        ``unroll`` every block is a fixed-length scan (reverse-differentiable)."""
+        eps = eps_at(loop.block)
+        s = loop.state
         if unroll:
             ran = length
             s, _ = jax.lax.scan(lambda s, _: (engine.step(problem, geom, s, symmetric), None), s, length=ran)
@@ -468,25 +504,42 @@ def _forward(
             s = jax.lax.fori_loop(0, ran, lambda _, s: engine.step(problem, geom, s, symmetric), s)
             s = engine.end_block(problem, start, s)
         err, finite, converged = check(s, eps)
-        s, err, converged = verify(s, eps, err, converged)
-        status = jnp.where(
-            ~finite, Status.NONFINITE, jnp.where(converged, Status.SUCCESS, Status.MAX_ITER)
-        )
         slow = False
         if stall:  # not in the first block (checked after every iteration)
             rate = err / loop.err
             need = ran * jnp.log(tol / err) / jnp.log(jnp.where(rate < 1, rate, 0.5))
             left = max_iter - (loop.iters + ran)
             slow = ((rate >= 1) | (need > left)) & (eps <= eps_target) & (loop.iters >= check_every)
+        slot = loop.block // stride if stride > 1 else loop.block
+        status = jnp.where(~finite, Status.NONFINITE, Status.MAX_ITER)
         return _Loop(
             s,
             (loop.iters + ran) // check_every,
             loop.iters + ran,
             err,
-            loop.errors.at[loop.block // stride if stride > 1 else loop.block].set(err),
+            loop.errors.at[slot].set(err),
             status.astype(jnp.int32),
-            (~finite) | converged | slow,
+            (~finite) | (slow & ~converged),
+            converged,
+            jnp.asarray(slot),
         )
+
+    def settle(loop: _Loop) -> _Loop:
+        """Verify the ``pending`` blocks (`verify`): converged, or back to iterating
+        (the kernel engine rebuilds its kernel safely first)."""
+        s, err, ok = verify(loop.state, eps_target, loop.err, loop.pending)
+        return loop._replace(
+            state=s,
+            err=err,
+            errors=loop.errors.at[loop.slot].set(err),
+            status=jnp.where(ok, Status.SUCCESS, loop.status).astype(jnp.int32),
+            done=loop.done | ok,
+            pending=jnp.asarray(False),
+        )
+
+    def body(loop: _Loop, length: int = check_every) -> _Loop:
+        """One whole block: `prepare`, `run_block`, `settle`."""
+        return settle(run_block(prepare(loop), length))
 
     eps0 = eps_at(jnp.asarray(0))
     log_row = None
@@ -506,6 +559,8 @@ def _forward(
         jnp.full((-(-n_blocks // stride),), -1.0, dtype),
         jnp.asarray(Status.MAX_ITER, jnp.int32),
         jnp.asarray(False),
+        jnp.asarray(False),
+        jnp.asarray(0),
     )
     if unroll:
         # A fixed-length scan (reverse-differentiable); blocks after the stop are no-ops.
@@ -517,7 +572,34 @@ def _forward(
         if rem:
             loop, _ = scan_body(loop, None, length=rem)
     else:
-        loop = jax.lax.while_loop(lambda lp: (~lp.done) & (lp.block < n_full), body, loop)
+        # Two loops. The inner one runs blocks while none needs a rebuild (or a new
+        # epsilon) or a verification, closing over the kernel (`engine.split`): under
+        # `jax.vmap` a while loop selects every carried array per iteration, and a
+        # carried n x m kernel was copied per block (ragged batch of 32: 0.66 s, the
+        # loop of solves 0.05 s). The outer one verifies, rebuilds and re-enters; under
+        # vmap it runs when every problem waits for it (a problem whose block converged
+        # or whose kernel must be rebuilt idles until then: the same iterates).
+        def inner_cond(lp: _Loop):
+            go = (~lp.done) & (~lp.pending) & (lp.block < n_full)
+            go = go & ~engine.needs_rebuild(lp.state)
+            if epsilon_init is not None:
+                go = go & (eps_at(lp.block) == lp.state.eps)
+            return go
+
+        def outer_body(lp: _Loop) -> _Loop:
+            lp = prepare(settle(lp))
+            invariant, rest = engine.split(lp.state)
+
+            def inner_body(lp: _Loop) -> _Loop:
+                lp = run_block(lp._replace(state=engine.join(invariant, lp.state)))
+                return lp._replace(state=engine.split(lp.state)[1])
+
+            lp = jax.lax.while_loop(inner_cond, inner_body, lp._replace(state=rest))
+            return lp._replace(state=engine.join(invariant, lp.state))
+
+        loop = jax.lax.while_loop(
+            lambda lp: (~lp.done) & ((lp.block < n_full) | lp.pending), outer_body, loop
+        )
         if rem:  # static: only when check_every does not divide max_iter
             loop = jax.lax.cond(loop.done, lambda lp: lp, lambda lp: body(lp, length=rem), loop)
     f, g = engine.potentials(loop.state)

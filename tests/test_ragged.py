@@ -54,21 +54,31 @@ def test_ragged_sinkhorn_equals_each_alone(dtype):
                 assert int(one.n_iter) == int(alone.n_iter)
 
 
-def test_ragged_statuses_are_per_problem(x64):
+@pytest.mark.parametrize("batch_size", [None, 2, "auto"])
+def test_ragged_statuses_are_per_problem(x64, batch_size):
+    """vmapped (None), chunks of 2 with a remainder, one at a time (CPU's "auto"):
+    each problem its own iterations and status, the same answers."""
     xs, ys, _ = _clouds(jnp.float64)
     # one problem with a tiny epsilon cannot converge in 30 iterations; the others can
     eps = jnp.array([5.0, 1e-3, 5.0])
-    res = otlab.solve_ragged(xs, ys, epsilon=eps, max_iter=30, tol=1e-3, mode="log")
+    kw = dict(epsilon=eps, max_iter=30, tol=1e-3, mode="log")
+    res = otlab.solve_ragged(xs, ys, batch_size=batch_size, **kw)
     assert res.status.tolist() == [Status.SUCCESS, Status.MAX_ITER, Status.SUCCESS]
     assert res.n_iter[1] == 30 and res.n_iter[0] < 30 and res.n_iter[2] < 30
+    for k, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        alone = otlab.sinkhorn(otlab.PointCloud(x, y), epsilon=eps[k], max_iter=30, tol=1e-3, mode="log")
+        assert int(res.n_iter[k]) == int(alone.n_iter)
+        np.testing.assert_allclose(res[k].f, alone.f, atol=1e-9)
 
 
-def test_ragged_gradients_equal_each_alone(x64):
+@pytest.mark.parametrize("batch_size", [None, "auto"])
+def test_ragged_gradients_equal_each_alone(x64, batch_size):
     xs, ys, _ = _clouds(jnp.float64)
     xs, ys = xs[:2], ys[:2]
 
     def batched(xs):
-        return jnp.sum(otlab.solve_ragged(xs, ys, epsilon=0.1, tol=1e-10).reg_cost)
+        res = otlab.solve_ragged(xs, ys, epsilon=0.1, tol=1e-10, batch_size=batch_size)
+        return jnp.sum(res.reg_cost)
 
     def loop(xs):
         return sum(
@@ -97,6 +107,9 @@ def test_bad_inputs():
         otlab.solve_ragged(x)
     with pytest.raises(ValueError, match="`epsilon`"):
         otlab.solve_ragged(x, x, epsilon=-1.0)
+    for bad in (0, 1.5, True, "cpu"):
+        with pytest.raises(ValueError, match="`batch_size`"):
+            otlab.solve_ragged(x, x, batch_size=bad)
     with pytest.raises(ValueError, match=r"`b\[0\]`"):
         otlab.pad_batch(x, x, b=[-jnp.ones(3)])
     with pytest.raises(ValueError, match="`xs\\[0\\]`"):

@@ -54,10 +54,10 @@ def test_ragged_sinkhorn_equals_each_alone(dtype):
                 assert int(one.n_iter) == int(alone.n_iter)
 
 
-@pytest.mark.parametrize("batch_size", [None, 2, "auto"])
+@pytest.mark.parametrize("batch_size", [None, 2, 1])
 def test_ragged_statuses_are_per_problem(x64, batch_size):
-    """vmapped (None), chunks of 2 with a remainder, one at a time (CPU's "auto"):
-    each problem its own iterations and status, the same answers."""
+    """vmapped (None), chunks of 2 with a remainder, one at a time: each problem its
+    own iterations and status, the same answers."""
     xs, ys, _ = _clouds(jnp.float64)
     # one problem with a tiny epsilon cannot converge in 30 iterations; the others can
     eps = jnp.array([5.0, 1e-3, 5.0])
@@ -71,7 +71,7 @@ def test_ragged_statuses_are_per_problem(x64, batch_size):
         np.testing.assert_allclose(res[k].f, alone.f, atol=1e-9)
 
 
-@pytest.mark.parametrize("batch_size", [None, "auto"])
+@pytest.mark.parametrize("batch_size", [None, 1])
 def test_ragged_gradients_equal_each_alone(x64, batch_size):
     xs, ys, _ = _clouds(jnp.float64)
     xs, ys = xs[:2], ys[:2]
@@ -89,6 +89,21 @@ def test_ragged_gradients_equal_each_alone(x64, batch_size):
     for gb, gl in zip(jax.grad(batched)(xs), jax.grad(loop)(xs), strict=True):
         assert bool(jnp.all(jnp.isfinite(gb)))
         np.testing.assert_allclose(gb, gl, atol=1e-7)
+
+
+def test_auto_batch_size():
+    """"auto": one vmap when the padded kernels fit `AUTO_CHUNK_BYTES` (on CPU), else
+    chunks of as many problems as fit, at least one."""
+    from otlab import ragged
+
+    def batch(count, n, m, dtype=jnp.float32):
+        return otlab.pad_batch([jnp.zeros((n, 2), dtype)] * count, [jnp.zeros((m, 2), dtype)] * count)
+
+    assert jax.default_backend() == "cpu"
+    assert ragged._auto_batch_size(batch(8, 100, 100)) is None  # 8 x 40 kB
+    assert ragged._auto_batch_size(batch(32, 500, 500)) == 1  # 1 MB each
+    assert ragged._auto_batch_size(batch(32, 128, 256)) == 8  # 128 kB each
+    assert ragged._auto_batch_size(batch(3, 600, 600)) == 1
 
 
 def test_bad_inputs():

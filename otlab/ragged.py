@@ -314,9 +314,11 @@ def _solve_padded(batch, cost, eps, traced, *, solver, block_size, static, batch
     if batch_size is None:
         in_axes = (0, 0, 0, 0, 0, 0, None if eps is None else 0)
         return jax.vmap(one, in_axes=in_axes)(*args, eps)
+    # (batch_size=1: a plain scan of the solver, not of its vmap over one problem)
+    chunk = None if batch_size == 1 else batch_size
     if eps is None:
-        return jax.lax.map(lambda t: one(*t, None), args, batch_size=batch_size)
-    return jax.lax.map(lambda t: one(*t), (*args, eps), batch_size=batch_size)
+        return jax.lax.map(lambda t: one(*t, None), args, batch_size=chunk)
+    return jax.lax.map(lambda t: one(*t), (*args, eps), batch_size=chunk)
 
 
 def solve_ragged(

@@ -5,8 +5,9 @@
   ``PointCloud(block_size=256).lse`` along each axis (online, the cost recomputed;
   also with a shift guess, and for an unfactored ``FunctionCost``), the same on a precomputed cost matrix (dense), a product with the materialised
   plan (the kernel engine's pass), and whole Sinkhorn iterations (2 passes each,
-  fixed iteration count) for otlab kernel / dense, otlab log / online and ott-jax's
-  log-domain Sinkhorn on a dense geometry. Reported in G entries/s and as fractions
+  fixed iteration count) for otlab kernel / dense, otlab log / online (block 256, and
+  ``block_size="auto"``: 512 rows here) and ott-jax's log-domain Sinkhorn on a dense
+  geometry. Reported in G entries/s and as fractions
   of the ceilings of docs/PERFORMANCE (a C log-sum-exp with the cost recomputed,
   6.4 G/s; memory bandwidth, 8.3 G/s).
 * **Ragged**: 32 problems with n, m drawn in [50, 500] (quick: 8 in [20, 100]), 2-D
@@ -75,9 +76,9 @@ def _passes(n: int, iters: int) -> tuple[list, str]:
 
         return jax.jit(fn), guess
 
-    def solve(kind, mode):
+    def solve(kind, mode, block=BLOCK):
         def fn(x, y, c):
-            geom = otlab.PointCloud(x, y, block_size=BLOCK) if kind == "online" else otlab.Geometry(c)
+            geom = otlab.PointCloud(x, y, block_size=block) if kind == "online" else otlab.Geometry(c)
             return otlab.sinkhorn(
                 geom, epsilon=eps, tol=1e-30, max_iter=iters, check_every=iters, mode=mode
             ).f
@@ -90,15 +91,12 @@ def _passes(n: int, iters: int) -> tuple[list, str]:
 
     ott_solve = jax.jit(lambda c: ott(linear_problem.LinearProblem(ott_geometry.Geometry(c, epsilon=eps))).f)
     args = (x, y, c, f, g)
+    (shifted_1, guess_1), (shifted_0, guess_0) = shifted_lse(1), shifted_lse(0)
     fns = {
         "online lse pass, axis 1 (rows)": common.compiled(lse("online", 1), *args),
         "online lse pass, axis 0 (columns)": common.compiled(lse("online", 0), *args),
-        "online lse pass with a shift guess, axis 1": common.compiled(
-            shifted_lse(1)[0], x, y, f, g, shifted_lse(1)[1]
-        ),
-        "online lse pass with a shift guess, axis 0": common.compiled(
-            shifted_lse(0)[0], x, y, f, g, shifted_lse(0)[1]
-        ),
+        "online lse pass with a shift guess, axis 1": common.compiled(shifted_1, x, y, f, g, guess_1),
+        "online lse pass with a shift guess, axis 0": common.compiled(shifted_0, x, y, f, g, guess_0),
         "online lse pass, unfactored cost (FunctionCost), axis 1": common.compiled(
             lse("generic", 1), *args
         ),
@@ -110,6 +108,9 @@ def _passes(n: int, iters: int) -> tuple[list, str]:
     solves = {
         "otlab.sinkhorn kernel, dense (per pass)": common.compiled(solve("dense", "kernel"), x, y, c),
         "otlab.sinkhorn log, online (per pass)": common.compiled(solve("online", "log"), x, y, c),
+        "otlab.sinkhorn log, online, block_size='auto' (per pass)": common.compiled(
+            solve("online", "log", "auto"), x, y, c
+        ),
         "ott-jax Sinkhorn lse, dense (per pass)": common.compiled(ott_solve, c),
     }
     fns.update(solves)

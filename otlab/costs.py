@@ -69,7 +69,27 @@ class Cost:
 
         Online geometries use it to evaluate each block of logits as one GEMM fused
         with the exponentials (`otlab.PointCloud.lse`). Computed once per pass on the
-        whole clouds (jointly centred for translation-invariant costs).
+        whole clouds (jointly centred for translation-invariant costs). By default
+        ``[row, 1, phi'] @ [1, col, psi']^T`` from `separable_features`.
+        """
+        parts = self.separable_features(x, y)
+        if parts is None:
+            return None
+        row, col, phi, psi = parts
+        phi = jnp.concatenate([row[:, None], jnp.ones_like(row[:, None]), phi], 1)
+        psi = jnp.concatenate([jnp.ones_like(col[:, None]), col[:, None], psi], 1)
+        return phi, psi
+
+    def separable_features(
+        self, x: jax.Array, y: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None:
+        """``(row, col, phi, psi)`` with ``C_ij = row_i + col_j + phi_i . psi_j``
+        (shapes ``(n,)``, ``(m,)``, ``(n, r)``, ``(m, r)``), or ``None``.
+
+        The same factored form as `features` with its rank-one terms apart: an online
+        pass adds ``row`` and ``col`` to the potentials once, and each GEMM of a block
+        has ``r + 2`` terms instead of ``r + 4`` (``d + 2`` for the squared Euclidean
+        cost in dimension ``d``: 5 FMAs per entry at ``d = 3``, not 7).
         """
         return None
 
@@ -118,12 +138,9 @@ class SqEuclidean(Cost):
     def all_pairs(self, x, y):
         return _sq_dists(x, y)
 
-    def features(self, x, y):
+    def separable_features(self, x, y):
         x, y = _centre(x, y)
-        ones_x, ones_y = jnp.ones_like(x[:, :1]), jnp.ones_like(y[:, :1])
-        phi = jnp.concatenate([jnp.sum(x * x, -1, keepdims=True), ones_x, -2.0 * x], 1)
-        psi = jnp.concatenate([ones_y, jnp.sum(y * y, -1, keepdims=True), y], 1)
-        return phi, psi
+        return jnp.sum(x * x, -1), jnp.sum(y * y, -1), -2.0 * x, y
 
 
 @jax.tree_util.register_dataclass
@@ -199,14 +216,11 @@ class Mahalanobis(Cost):
         yy = jnp.sum((y @ m) * y, -1)
         return xx[:, None] + yy[None, :] - 2.0 * (xm @ y.T)
 
-    def features(self, x, y):
+    def separable_features(self, x, y):
         m = 0.5 * (self.matrix + self.matrix.T)
         x, y = _centre(x, y)
         xm = x @ m
-        ones_x, ones_y = jnp.ones_like(x[:, :1]), jnp.ones_like(y[:, :1])
-        phi = jnp.concatenate([jnp.sum(xm * x, -1, keepdims=True), ones_x, -2.0 * xm], 1)
-        psi = jnp.concatenate([ones_y, jnp.sum((y @ m) * y, -1, keepdims=True), y], 1)
-        return phi, psi
+        return jnp.sum(xm * x, -1), jnp.sum((y @ m) * y, -1), -2.0 * xm, y
 
 
 @jax.tree_util.register_dataclass
@@ -235,6 +249,13 @@ class Scaled(Cost):
     def features(self, x, y):
         inner = self.cost.features(x, y)
         return None if inner is None else (self.factor * inner[0], inner[1])
+
+    def separable_features(self, x, y):
+        inner = self.cost.separable_features(x, y)
+        if inner is None:
+            return None
+        row, col, phi, psi = inner
+        return self.factor * row, self.factor * col, self.factor * phi, psi
 
 
 @jax.tree_util.register_dataclass

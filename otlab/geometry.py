@@ -218,40 +218,78 @@ def auto_block_size(n: int, m: int, dtype=jnp.float32, budget: int = AUTO_BLOCK_
     return int(min(max(k, 16), 4096, cap))
 
 
-def _factored_lse(phi, psi, f, g, eps, axis: int, block_size: int, shift=None) -> Array:
-    """Online log-sum-exp for a cost with a factored form ``C = phi @ psi.T``
-    (`otlab.costs.Cost.features`): the logits ``(f_i + g_j - C_ij) / eps`` of a block
-    are one GEMM of augmented features, ``[f/eps, 1/eps, -phi/eps] @ [1, g, psi]^T``,
-    reduced along its contiguous last axis (exp and sum fused by XLA). ``axis=0``
-    blocks the columns instead, so both reductions run along rows.
+def _separable(cost, x: Array, y: Array) -> tuple[Array, Array, Array, Array] | None:
+    """``(row, col, phi, psi)``, ``C = row_i + col_j + phi_i . psi_j``, from
+    `otlab.costs.Cost.separable_features`, else from a cost's `features` alone
+    (``row = col = 0``), else ``None``."""
+    parts = cost.separable_features(x, y)
+    if parts is not None:
+        return parts
+    feats = cost.features(x, y)
+    if feats is None:
+        return None
+    phi, psi = feats
+    return jnp.zeros(phi.shape[:1], phi.dtype), jnp.zeros(psi.shape[:1], psi.dtype), phi, psi
 
-    Without ``shift`` each block is max-shifted (a second read of the block). With a
-    ``shift`` (a guess of the result, e.g. the previous iteration's), it enters the
-    GEMM as one more feature and the block is exponentiated directly; if any result
-    leaves ``[-B, B]`` (``B = 40`` in float32, ``300`` in float64: no overflow, and
-    underflowed terms negligible) the pass is redone with the max shift.
 
-    Measured (float32, n = m = 4096, d = 3, 2-core CPU, per pass): 2.6 to 2.9 G
-    entries/s with the max shift, 3.4 to 3.8 with a good ``shift``, against 1.1 to
-    1.5 for the cost block evaluated, then exponentiated (`benchmarks/bench_scale.py`).
+def _factored_lse(parts, f, g, eps, axis: int, block_size: int, shift=None) -> Array:
+    """Online log-sum-exp for a cost ``C_ij = row_i + col_j + phi_i . psi_j``
+    (`_separable`): the logits of a block are one GEMM of augmented features,
+
+    $$ \\frac{f_i + g_j - C_{ij}}{\\varepsilon} - s_i
+       = [a_i - s_i,\\ 1,\\ -\\varphi_i / \\varepsilon] \\cdot [1,\\ b_j,\\ \\psi_j],
+       \\quad a = \\frac{f - \\mathrm{row}}{\\varepsilon},\\ b = \\frac{g - \\mathrm{col}}{\\varepsilon}, $$
+
+    ``r + 2`` terms (``d + 2`` for the squared Euclidean cost), reduced along its
+    contiguous last axis. ``axis=0`` blocks the columns instead (the roles of the two
+    sides swapped), so both reductions run along rows of a block, at the same speed.
+
+    With a ``shift`` (a guess of the result, e.g. the previous iteration's) it is
+    folded into ``a`` (or ``b``) and the block is exponentiated directly: XLA on CPU
+    fuses the GEMM, the exponentials and the sum into one loop that never writes the
+    block out. Without ``shift`` each block is max-shifted, the max folded into the
+    first feature the same way: two fused GEMMs (a max, then the sum), no block
+    written out and read back. If any result leaves ``[-B, B]`` (``B = 40`` in float32,
+    ``300`` in float64: no overflow, and underflowed terms negligible) the pass is
+    redone with the max shift.
+
+    Measured (float32, n = m = 4096, d = 3, 2-core CPU, per pass, interleaved with
+    the former 7-term GEMM (8 with the shift)): 1.10 to 1.15x its throughput with a
+    shift, about the rate of XLA's fused exp-and-sum over a block already in cache
+    (the exponential bounds it); see docs/scale.md and `benchmarks/bench_scale.py`.
     """
-    u = jnp.concatenate([f[:, None], jnp.ones_like(f[:, None]), -phi], 1) / eps
-    v = jnp.concatenate([jnp.ones_like(g[:, None]), g[:, None], psi], 1)
-    rows, cols = (u, v) if axis == 1 else (v, u)
+    row, col, phi, psi = parts
+    a = (f - row) / eps
+    b = (g - col) / eps
+    if axis == 1:
+        own, own_feats, other, other_feats = a, -phi / eps, b, psi
+    else:
+        own, own_feats, other, other_feats = b, psi, a, -phi / eps
+    cols = jnp.concatenate([jnp.ones_like(other[:, None]), other[:, None], other_feats], 1)
+
+    def rows_with(c):
+        return jnp.concatenate([c[:, None], jnp.ones_like(c[:, None]), own_feats], 1)
+
+    def exact_block(rb):
+        # the max shift enters the GEMM too: a second GEMM (5 FMAs per entry) instead of
+        # a second read of a written-out block (each GEMM fused with its reduction)
+        mx = jax.lax.stop_gradient(jnp.max(rb @ cols.T, axis=-1))
+        mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+        return mx + jnp.log(jnp.sum(jnp.exp(rb.at[:, 0].add(-mx) @ cols.T), axis=-1))
 
     def exact():
-        return _map_blocks(lambda rb: _lse_last(rb @ cols.T), block_size, (rows,))
+        return _map_blocks(exact_block, block_size, (rows_with(own),))
 
     if shift is None:
         return exact()
     shift = jax.lax.stop_gradient(shift)
-    shift = jnp.where(jnp.isfinite(shift), shift, 0.0).astype(rows.dtype)
-    rows_s = jnp.concatenate([rows, -shift[:, None]], 1)
-    cols_s = jnp.concatenate([cols, jnp.ones_like(cols[:, :1])], 1)
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0).astype(own.dtype)
     r = _map_blocks(
-        lambda rb: jnp.log(jnp.sum(jnp.exp(rb @ cols_s.T), axis=-1)), block_size, (rows_s,)
+        lambda rb: jnp.log(jnp.sum(jnp.exp(rb @ cols.T), axis=-1)),
+        block_size,
+        (rows_with(own - shift),),
     )
-    bound = 300.0 if rows.dtype == jnp.float64 else 40.0
+    bound = 300.0 if own.dtype == jnp.float64 else 40.0
     ok = jnp.all(jnp.abs(r) <= bound)  # False for NaN
     return jax.lax.cond(ok, lambda: shift + r, exact)
 
@@ -590,9 +628,9 @@ class PointCloud(_GeometryBase):
             return super().lse(f, g, epsilon, axis)
         if axis not in (0, 1):
             raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
-        feats = self.cost.features(self.x, self.y)
-        if feats is not None:
-            return _factored_lse(*feats, f, g, epsilon, axis, self.block_size, shift)
+        parts = _separable(self.cost, self.x, self.y)
+        if parts is not None:
+            return _factored_lse(parts, f, g, epsilon, axis, self.block_size, shift)
         if axis == 1:
             return _map_blocks(
                 lambda xb, fb: _lse_last(_logits(self._cost_rows(xb), fb, g, epsilon)),

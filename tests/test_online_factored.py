@@ -4,6 +4,8 @@ differentiable the same way, and safe when the guess is far off."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +39,42 @@ def test_features_factor_the_cost(x64, name):
     np.testing.assert_allclose(phi @ psi.T, cost.all_pairs(x, y), atol=1e-10)
     assert costs.Euclidean(1.0).features(x, y) is None
     assert costs.FunctionCost(lambda u, v: jnp.sum((u - v) ** 2)).features(x, y) is None
+
+
+@pytest.mark.parametrize("name", ["sqeuclidean", "mahalanobis", "scaled"])
+def test_separable_features_factor_the_cost(x64, name):
+    cost = _costs()[name]
+    x, y = _clouds(offset=5.0)
+    row, col, phi, psi = cost.separable_features(x, y)
+    assert (row.shape, col.shape, phi.shape, psi.shape) == ((37,), (29,), (37, 3), (29, 3))
+    np.testing.assert_allclose(
+        row[:, None] + col[None, :] + phi @ psi.T, cost.all_pairs(x, y), atol=1e-10
+    )
+    assert costs.Euclidean(1.0).separable_features(x, y) is None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _FeaturesOnly(costs.Cost):
+    """A custom cost that defines `features` but not `separable_features`."""
+
+    def __call__(self, x, y):
+        return jnp.sum((x - y) ** 2)
+
+    def features(self, x, y):
+        return costs.SqEuclidean().features(x, y)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_online_lse_of_a_cost_with_features_only(x64, axis):
+    x, y = _clouds(offset=5.0)
+    rng = np.random.default_rng(2)
+    f, g = jnp.asarray(rng.normal(size=37)), jnp.asarray(rng.normal(size=29))
+    dense = otlab.PointCloud(x, y).lse(f, g, 0.05, axis)
+    online = otlab.PointCloud(x, y, _FeaturesOnly(), block_size=8)
+    np.testing.assert_allclose(online.lse(f, g, 0.05, axis), dense, rtol=1e-12, atol=1e-10)
+    got = online.lse(f, g, 0.05, axis, shift=dense + 0.3)
+    np.testing.assert_allclose(got, dense, rtol=1e-12, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", ["sqeuclidean", "mahalanobis", "scaled"])

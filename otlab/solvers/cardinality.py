@@ -478,6 +478,12 @@ def _candidates(p: Problem, f: Array, g: Array) -> Array:
     return p.geom.topk(f, g, kc, p.axis)
 
 
+def _by_line(p: Problem) -> bool:
+    """Whether the candidates are refreshed line by line: a plain dense cost matrix,
+    row-wise (where `_loop_problem` puts every dense problem)."""
+    return type(p.geom) is geometry_lib.Geometry and p.axis == 1
+
+
 def _evaluate(p: Problem, f: Array, g: Array, keep: Array, cand: Array) -> _State:
     """``D(f, g)`` with its support, plan and marginals, for the ``keep <= k``
     largest scores of each line (``keep`` may be traced: one compiled loop serves
@@ -487,10 +493,11 @@ def _evaluate(p: Problem, f: Array, g: Array, keep: Array, cand: Array) -> _Stat
     line (the top-``k + 4`` of an earlier point; ranked by pairwise comparisons, no
     sort), certified by one counting pass over the ``n x m`` scores
     (`otlab.Geometry.count_at_least`: no entry outside the candidates reaches the
-    ``keep``-th score, when it is positive); where that fails, the candidates are
-    recomputed here by a top-``k + 4`` pass. Between Newton steps few supports
-    change, so most evaluations cost one reduction pass instead of a top-``k``
-    selection (~10x slower on CPU). Without candidates (online geometries): one
+    ``keep``-th score, when it is positive); the lines where that fails get new
+    candidates here, by a top-``k + 4`` over their rows of a dense cost matrix (other
+    geometries: one top-``k + 4`` pass over every line). Between Newton steps few
+    supports change, so most evaluations cost one reduction pass instead of a
+    top-``k`` selection (~10x slower on CPU). Without candidates (online geometries): one
     top-``k`` pass. ``idx`` holds the candidates (or the top-``k``), ``vals`` is zero
     outside the support.
     """
@@ -514,16 +521,45 @@ def _evaluate(p: Problem, f: Array, g: Array, keep: Array, cand: Array) -> _Stat
         t = jnp.where(kth > 0, kth, jnp.finfo(f.dtype).tiny)
         inside = jnp.sum((u - t)[:, None] + v[cand] - c_cand >= 0, axis=1, dtype=jnp.int32)
         full = p.geom.count_at_least(f, g, t, p.axis)
-        return cand, sc, rank, jnp.all(inside == full)
+        return cand, sc, rank, inside == full
 
     idx, sc, rank, ok = select(cand)
 
+    def ranks(sc):
+        j = jnp.arange(sc.shape[1])
+        si, sj = sc[:, :, None], sc[:, None, :]
+        return jnp.sum((sj > si) | ((sj == si) & (j[None, :] < j[:, None])), axis=2)
+
     def recompute(_):
         new = _candidates(p, f, g)
-        return (new,) + select(new)[1:3]
+        sc = u[:, None] + v[new] - p.line_costs(new)
+        return new, sc, ranks(sc)
 
-    if cand.shape[1]:
-        idx, sc, rank = if_any(~ok, recompute, (idx, sc, rank))
+    if cand.shape[1] and _by_line(p):
+        # only the lines whose certificate fails get new candidates, ``R`` lines per
+        # round (a top-``k + 4`` over those rows of the cost matrix): under `jax.vmap`
+        # a problem's failures no longer cost a selection over every line of every
+        # problem, and one problem's failures leave the others' candidates as they are
+        n_lines = cand.shape[0]
+        n_sel = max(8, n_lines // 8)
+        cost = p.geom.cost_matrix
+
+        def refresh(c):
+            idx, sc, rank, todo = c
+            rows = jnp.nonzero(todo, size=n_sel, fill_value=n_lines)[0]
+            safe = jnp.minimum(rows, n_lines - 1)
+            c_rows = cost[safe]
+            new = geometry_lib.Geometry(c_rows).topk(u[safe], v, cand.shape[1], 1)
+            sc_new = u[safe][:, None] + v[new] - jnp.take_along_axis(c_rows, new, axis=1)
+            put = lambda z, w: z.at[rows].set(w, mode="drop")  # noqa: E731
+            return (put(idx, new), put(sc, sc_new), put(rank, ranks(sc_new)),
+                    put(todo, jnp.zeros_like(rows, dtype=bool)))
+
+        idx, sc, rank, _ = jax.lax.while_loop(
+            lambda c: jnp.any(c[3]), refresh, (idx, sc, rank, ~ok)
+        )
+    elif cand.shape[1]:
+        idx, sc, rank = if_any(~jnp.all(ok), recompute, (idx, sc, rank))
     kept = rank < keep
     vals = jnp.where(kept, jax.nn.relu(sc), 0.0) / p.gamma
     if p.k < n_other:  # what an entrant must beat: the keep-th score

@@ -88,6 +88,14 @@ def _threshold(s: Array, z: Array) -> Array:
     return jnp.take_along_axis(cssv, (rho - 1)[:, None], axis=1)[:, 0] / rho
 
 
+def _line_sum(x: Array) -> Array:
+    """``x.sum(-1)`` as a product with ones: XLA's CPU backend runs a float64 sum of
+    the short rows of a ``(lines, k)`` array ~4x slower than this matrix-vector product
+    (10.9 vs 2.5 us at 200 x 25), and the Newton loop's conjugate gradient takes one
+    per iteration."""
+    return x @ jnp.ones(x.shape[-1], x.dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Problem:
@@ -164,7 +172,7 @@ class Problem:
         """``(T 1, T^T 1)`` of the sparse matrix ``(idx, vals)``."""
         n, m = self.geom.shape
         other = jax.ops.segment_sum(vals.reshape(-1), idx.reshape(-1), n if self.axis == 0 else m)
-        line = jnp.sum(vals, axis=1)
+        line = _line_sum(vals)
         return (other, line) if self.axis == 0 else (line, other)
 
     def marginals(self, f: Array, g: Array) -> tuple[Array, Array]:
@@ -211,7 +219,7 @@ class Problem:
             x, y = z
             phi = inv * (jnp.sum(self.a * x) - jnp.sum(self.b * y))
             u, v = self._lines(x, y)
-            line = inv * jnp.sum(mask * v[idx], axis=1)
+            line = inv * _line_sum(mask * v[idx])
             other = inv * apply_m(u)
             ox, oy = self._join(line, other)
             return da * x + ox + self.a * phi, db * y + oy - self.b * phi
@@ -701,7 +709,7 @@ def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
             zx, zy = z
             phi = inv * (jnp.sum(ps.a * zx) - jnp.sum(ps.b * zy))
             u, v = ps._lines(zx, zy)
-            line = inv * jnp.sum(mask * v[idx], axis=1)
+            line = inv * _line_sum(mask * v[idx])
             other = inv * jax.ops.segment_sum(
                 (mask * u[:, None]).reshape(-1), idx.reshape(-1), n_other
             )

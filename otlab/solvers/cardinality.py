@@ -705,26 +705,30 @@ def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
         db = inv * (jnp.maximum(n_col, 1.0) + lam)
         idx = x.idx
 
-        def matvec(z):
-            zx, zy = z
-            phi = inv * (jnp.sum(ps.a * zx) - jnp.sum(ps.b * zy))
-            u, v = ps._lines(zx, zy)
-            line = inv * _line_sum(mask * v[idx])
-            other = inv * jax.ops.segment_sum(
-                (mask * u[:, None]).reshape(-1), idx.reshape(-1), n_other
-            )
-            ox, oy = ps._join(line, other)
-            return da * zx + ox + ps.a * phi, db * zy + oy - ps.b * phi
-
         rhs = (jnp.where(fresh, ps.a - x.row, 0.0), jnp.where(fresh, ps.b - x.col, 0.0))
         if direct:
             d = _schur_solve(ps, idx, mask, da, db, rhs)
         else:
-            pa, pb = da + inv * ps.a**2, db + inv * ps.b**2
+            # on one flat vector (f, g): half the operations per iteration of the pair
+            # (at n = 200 an iteration is a few microseconds, mostly fixed costs)
+            n_f = ps.a.shape[0]
+            w = jnp.concatenate([ps.a, -ps.b])
+            diag = jnp.concatenate([da, db])
+
+            def flat(z):
+                u, v = ps._lines(z[:n_f], z[n_f:])
+                line = _line_sum(mask * v[idx])
+                other = jax.ops.segment_sum(
+                    (mask * u[:, None]).reshape(-1), idx.reshape(-1), n_other
+                )
+                return diag * z + inv * (jnp.concatenate(ps._join(line, other)) + w * (w @ z))
+
+            pre = diag + inv * w**2
             forcing = jnp.clip(x.err / total_mass, cg_tol_floor, 0.1)
             d, _ = jax.scipy.sparse.linalg.cg(
-                matvec, rhs, tol=forcing, maxiter=cg_iter, M=lambda z: (z[0] / pa, z[1] / pb)
+                flat, jnp.concatenate(rhs), tol=forcing, maxiter=cg_iter, M=lambda z: z / pre
             )
+            d = (d[:n_f], d[n_f:])
         slope = jnp.sum(d[0] * rhs[0]) + jnp.sum(d[1] * rhs[1])
         # an empty point (no positive entry) sees a linear dual until its potential
         # reaches the score that enters a line's top-k: jump there first

@@ -727,26 +727,41 @@ def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
             d = each_if(fresh, solve, (ps.a, ps.b, ps.gamma, idx, mask, da, db, rhs),
                         (jnp.zeros_like(da), jnp.zeros_like(db)))
         else:
-            # on one flat vector (f, g): half the operations per iteration of the pair
-            # (at n = 200 an iteration is a few microseconds, mostly fixed costs)
-            n_f = ps.a.shape[0]
-            w = jnp.concatenate([ps.a, -ps.b])
-            diag = jnp.concatenate([da, db])
+            pa, pb = da + inv * ps.a**2, db + inv * ps.b**2
+            forcing = jnp.clip(x.err / total_mass, cg_tol_floor, 0.1)
+            cg = functools.partial(jax.scipy.sparse.linalg.cg, tol=forcing, maxiter=cg_iter)
 
-            def flat(z):
-                u, v = ps._lines(z[:n_f], z[n_f:])
+            def sums(u, v):  # (M v) per line, (M^T u) per point on the other side
                 line = _line_sum(mask * v[idx])
                 other = jax.ops.segment_sum(
                     (mask * u[:, None]).reshape(-1), idx.reshape(-1), n_other
                 )
-                return diag * z + inv * (jnp.concatenate(ps._join(line, other)) + w * (w @ z))
+                return ps._join(line, other)
 
-            pre = diag + inv * w**2
-            forcing = jnp.clip(x.err / total_mass, cg_tol_floor, 0.1)
-            d, _ = jax.scipy.sparse.linalg.cg(
-                flat, jnp.concatenate(rhs), tol=forcing, maxiter=cg_iter, M=lambda z: z / pre
-            )
-            d = (d[:n_f], d[n_f:])
+            if isinstance(ps.geom, (geometry_lib.Geometry, geometry_lib.PointCloud)):
+                # one flat vector (f, g): half the operations per iteration of the pair
+                # (at n = 200 an iteration is a few microseconds, mostly fixed costs);
+                # a sharded geometry keeps the pair (f and g are split differently)
+                n_f = ps.a.shape[0]
+                w = jnp.concatenate([ps.a, -ps.b])
+                diag = jnp.concatenate([da, db])
+
+                def flat(z):
+                    s = sums(*ps._lines(z[:n_f], z[n_f:]))
+                    return diag * z + inv * (jnp.concatenate(s) + w * (w @ z))
+
+                pre = jnp.concatenate([pa, pb])
+                d = cg(flat, jnp.concatenate(rhs), M=lambda z: z / pre)[0]
+                d = (d[:n_f], d[n_f:])
+            else:
+
+                def pair(z):
+                    zx, zy = z
+                    phi = inv * (jnp.sum(ps.a * zx) - jnp.sum(ps.b * zy))
+                    ox, oy = sums(*ps._lines(zx, zy))
+                    return da * zx + inv * ox + ps.a * phi, db * zy + inv * oy - ps.b * phi
+
+                d = cg(pair, rhs, M=lambda z: (z[0] / pa, z[1] / pb))[0]
         slope = jnp.sum(d[0] * rhs[0]) + jnp.sum(d[1] * rhs[1])
         # an empty point (no positive entry) sees a linear dual until its potential
         # reaches the score that enters a line's top-k: jump there first

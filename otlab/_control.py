@@ -30,37 +30,3 @@ def if_any(pred, fn, x, *, differentiable: bool = False):
     return jax.lax.while_loop(
         lambda c: c[0], lambda c: (jnp.zeros_like(c[0]), fn(c[1])), (pred, x)
     )[1]
-
-
-def each_if(pred, fn, x, default):
-    """``fn(x)`` where ``pred``, else ``default``, for an expensive branch whose cost
-    does not shrink when batched (a dense factorisation).
-
-    Unbatched it is ``lax.cond(pred, fn, lambda _: default, x)``. Under `jax.vmap`
-    (a `jax.custom_batching.custom_vmap` rule) the batch goes one problem at a time
-    (`lax.map`), each with its own `lax.cond`: only the problems where ``pred`` holds
-    run ``fn``, where a batched call runs it for all of them. ``fn`` must be a
-    function of ``x`` alone (no closed-over traced values); no derivatives.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> from otlab._control import each_if
-        >>> jax.vmap(lambda p, x: each_if(p, lambda v: v + 1.0, x, x))(
-        ...     jnp.array([True, False]), jnp.zeros(2))
-        Array([1., 0.], dtype=float32)
-    """
-
-    @jax.custom_batching.custom_vmap
-    def run(pred, x, default):
-        return jax.lax.cond(pred, fn, lambda _: default, x)
-
-    @run.def_vmap
-    def _rule(axis_size, in_batched, pred, x, default):
-        def full(v, batched):
-            return v if batched else jnp.broadcast_to(v, (axis_size,) + jnp.shape(v))
-
-        args = jax.tree.map(full, (pred, x, default), tuple(in_batched))
-        out = jax.lax.map(lambda a: run(*a), args)
-        return out, jax.tree.map(lambda _: True, out)
-
-    return run(jnp.asarray(pred), x, default)

@@ -379,27 +379,3 @@ def test_stale_candidates_are_refreshed_line_by_line(x64):
     np.testing.assert_array_equal(both.idx[0], got.idx)
     np.testing.assert_array_equal(both.idx[1], fresh)  # kept: its certificate holds
     np.testing.assert_allclose(both.value[0], got.value, rtol=1e-14)
-
-
-def test_each_if_runs_the_branch_per_problem():
-    """`otlab._control.each_if` (the Newton loop's dense solves under `jax.vmap`): the
-    branch's result where the predicate holds, the default elsewhere, also nested, and
-    the branch runs only for the problems that take it."""
-    from otlab._control import each_if
-
-    calls = []
-
-    def fn(v):
-        jax.debug.callback(lambda: calls.append(1))
-        return jnp.sin(v) + 1.0
-
-    pred = jnp.array([True, False, True])
-    x = jnp.arange(12.0).reshape(3, 4)
-    got = jax.jit(jax.vmap(lambda p, v: each_if(p, fn, v, -v)))(pred, x)
-    np.testing.assert_allclose(got, jnp.where(pred[:, None], jnp.sin(x) + 1.0, -x), rtol=1e-6)
-    assert len(calls) == 2
-    nested = jax.vmap(jax.vmap(lambda p, v: each_if(p, fn, v, -v)), in_axes=(None, 0))(
-        pred, jnp.stack([x, 2 * x])
-    )
-    np.testing.assert_allclose(nested[1], jnp.where(pred[:, None], jnp.sin(2 * x) + 1.0, -2 * x),
-                               rtol=1e-6)

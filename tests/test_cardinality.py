@@ -346,3 +346,36 @@ def test_geometry_score_reductions_and_batched_topk(x64):
     topk = jax.jit(jax.vmap(lambda c: otlab.Geometry(c).topk(jnp.zeros(30), jnp.zeros(40), 6, 1)))
     assert " sort(" not in topk.lower(c).compile().as_text()
     np.testing.assert_array_equal(topk(c)[2], otlab.Geometry(c[2]).topk(jnp.zeros(30), jnp.zeros(40), 6, 1))
+
+
+def test_stale_candidates_are_refreshed_line_by_line(x64):
+    """`_evaluate` from candidates of another point (most lines' certificates fail, in
+    rounds of a few lines each) gives the support, plan and value of fresh candidates,
+    and under `jax.vmap` a problem's evaluation does not depend on its batch-mates."""
+    x, y, a, b = _problem(0)
+    c = jnp.asarray(ot.dist(x, y)).T  # the row-wise (transposed) problem the loop runs
+    p = card.Problem(otlab.Geometry(c), jnp.asarray(b), jnp.asarray(a), jnp.asarray(0.3), 5, 1)
+    rng = np.random.default_rng(1)
+    f, g = jnp.asarray(rng.normal(size=M)), jnp.asarray(rng.normal(size=N))
+    stale = card._candidates(p, jnp.zeros(M), jnp.zeros(N))
+    fresh = card._candidates(p, f, g)
+
+    def support(z):
+        return {(i, int(j)) for i in range(M) for j, w in zip(z.idx[i], z.vals[i], strict=True) if w > 0}
+
+    want = card._evaluate(p, f, g, 5, fresh)
+    got = card._evaluate(p, f, g, 5, stale)
+    assert not np.all(np.asarray(stale) == np.asarray(fresh))
+    assert support(got) == support(want)
+    np.testing.assert_allclose(got.value, want.value, rtol=1e-14)
+    np.testing.assert_allclose(got.row, want.row, atol=1e-14)
+    np.testing.assert_allclose(got.col, want.col, atol=1e-14)
+    # the keep-th score is certified where it is positive (what the direction uses)
+    np.testing.assert_allclose(jnp.maximum(got.kth, 0), jnp.maximum(want.kth, 0), atol=1e-14)
+    # batched with a problem whose candidates are up to date: same answer for each
+    both = jax.vmap(lambda f, cand: card._evaluate(p, f, g, 5, cand))(
+        jnp.stack([f, f]), jnp.stack([stale, fresh])
+    )
+    np.testing.assert_array_equal(both.idx[0], got.idx)
+    np.testing.assert_array_equal(both.idx[1], fresh)  # kept: its certificate holds
+    np.testing.assert_allclose(both.value[0], got.value, rtol=1e-14)

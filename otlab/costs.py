@@ -90,6 +90,14 @@ class Cost:
         pass adds ``row`` and ``col`` to the potentials once, and each GEMM of a block
         has ``r + 2`` terms instead of ``r + 4`` (``d + 2`` for the squared Euclidean
         cost in dimension ``d``: 5 FMAs per entry at ``d = 3``, not 7).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from otlab import costs
+            >>> x = jnp.array([[0.0, 1.0], [2.0, 0.0]]); y = jnp.array([[1.0, 1.0]])
+            >>> row, col, phi, psi = costs.SqEuclidean().separable_features(x, y)
+            >>> jnp.round(row[:, None] + col[None, :] + phi @ psi.T, 4).tolist()
+            [[1.0], [2.0]]
         """
         return None
 

@@ -8,7 +8,8 @@ costs and marginals are unchanged up to rounding. Padded target potentials start
 that value (real ones at zero), so that from a zero start the iterates are those of
 the problem solved alone (an unbalanced problem's start is then shifted by the solver's
 translation of a given start, which changes the path, not the solution). `solve_ragged` pads, solves the
-stack in one compiled solver call (vmapped, or mapped on CPU, below) (one compilation per padded shape) and returns a
+stack in one compiled solver call (one compilation per padded shape; vmapped, or on CPU
+mapped, below) and returns a
 `RaggedSolution`: per-problem status, costs and potentials on the real points, each
 problem the same as solved alone.
 
@@ -355,7 +356,7 @@ def solve_ragged(
             stream through all kernels at once: the choice for accelerators). An
             integer ``k``: a sequential `jax.lax.map` over chunks of ``k`` problems,
             each chunk vmapped (``1``: one problem at a time, its kernel in cache and
-            its loop stopping at its own convergence: 4-5x faster than ``None`` on
+            its loop stopping at its own convergence: 3.5x faster than ``None`` on
             CPU for 32 problems of up to 500 x 500, `benchmarks/bench_scale.py`).
             ``"auto"``: ``None`` off CPU, or when all the padded kernels fit
             `AUTO_CHUNK_BYTES` (1 MiB); else chunks of as many problems as fit

@@ -7,11 +7,14 @@ its row (column) of the plan is at most ``tiny`` and the real problem's potentia
 costs and marginals are unchanged up to rounding. Padded target potentials start at
 that value (real ones at zero), so that from a zero start the iterates are those of
 the problem solved alone (an unbalanced problem's start is then shifted by the solver's
-translation of a given start, which changes the path, not the solution). `solve_ragged` pads, solves the
-stack in one compiled solver call (one compilation per padded shape; vmapped, or on CPU
-mapped, below) and returns a
-`RaggedSolution`: per-problem status, costs and potentials on the real points, each
-problem the same as solved alone.
+translation of a given start, which changes the path, not the solution).
+
+`solve_ragged` groups the problems into size buckets (problems of similar sizes
+together, the grouping that pads least; ``buckets``), pads each bucket to its own
+largest sizes, solves each stack in one compiled solver call (one compilation per
+padded shape; vmapped, or on CPU mapped, below) and returns a `RaggedSolution`:
+per-problem status, costs and potentials on the real points, each problem the same as
+solved alone, in the order of the input.
 
 Under ``vmap`` (``batch_size=None``) the solver's ``while_loop`` runs until the slowest
 problem converges; converged problems keep their state (each has its own ``n_iter`` and
@@ -199,26 +202,39 @@ class RaggedSolution:
 
     ``res[k]`` is problem ``k``'s `otlab.OTSolution` on its real points only (its
     geometry, weights and potentials trimmed), as if solved alone. The batched
-    properties give one value per problem without trimming.
+    properties give one value per problem, in the order of the input, without trimming.
 
     Attributes:
-        solution: the batched `otlab.OTSolution` of the padded problems.
+        solutions: one batched `otlab.OTSolution` per size bucket (padded problems).
         n: static tuple of the real source sizes.
         m: static tuple of the real target sizes.
+        where: static tuple, per problem, of ``(bucket, position in the bucket)``.
     """
 
-    solution: OTSolution
+    solutions: tuple[OTSolution, ...]
     n: tuple[int, ...] = geometry_lib._static()
     m: tuple[int, ...] = geometry_lib._static()
+    where: tuple[tuple[int, int], ...] = geometry_lib._static()
 
     def __len__(self) -> int:
         return len(self.n)
+
+    @property
+    def solution(self) -> OTSolution:
+        """The batched `otlab.OTSolution` of the padded problems (one bucket only)."""
+        if len(self.solutions) != 1:
+            raise ValueError(
+                f"this batch was solved in {len(self.solutions)} size buckets: use "
+                "`.solutions` (one batched solution per bucket), `res[k]` or the batched properties."
+            )
+        return self.solutions[0]
 
     def __getitem__(self, k: int) -> OTSolution:
         if not -len(self) <= k < len(self):
             raise IndexError(k)
         k = k % len(self)
-        s = jax.tree.map(lambda leaf: leaf[k], self.solution)
+        bucket, pos = self.where[k]
+        s = jax.tree.map(lambda leaf: leaf[pos], self.solutions[bucket])
         n, m = self.n[k], self.m[k]
         geom = s.geom
         geom = PointCloud(geom.x[:n], geom.y[:m], geom.cost, geom.block_size)
@@ -227,23 +243,30 @@ class RaggedSolution:
     def __iter__(self):
         return (self[k] for k in range(len(self)))
 
+    def _gather(self, per_bucket: list[Array]) -> Array:
+        """Per-bucket ``(B_b,)`` arrays as one ``(B,)`` array in input order."""
+        if len(per_bucket) == 1:
+            return per_bucket[0]
+        starts = np.cumsum([0] + [len(v) for v in per_bucket])
+        return jnp.concatenate(per_bucket)[np.asarray([starts[b] + p for b, p in self.where])]
+
     def _map(self, fn):
-        return jax.vmap(fn)(self.solution)
+        return self._gather([jax.vmap(fn)(sol) for sol in self.solutions])
 
     @property
     def status(self) -> Array:
         """``(B,)`` status codes."""
-        return self.solution.status
+        return self._gather([sol.status for sol in self.solutions])
 
     @property
     def converged(self) -> Array:
         """``(B,)`` booleans."""
-        return self.solution.converged
+        return self._gather([sol.converged for sol in self.solutions])
 
     @property
     def n_iter(self) -> Array:
         """``(B,)`` iterations run per problem."""
-        return self.solution.n_iter
+        return self._gather([sol.n_iter for sol in self.solutions])
 
     @property
     def reg_cost(self) -> Array:
@@ -283,6 +306,57 @@ def _auto_batch_size(batch: PaddedBatch) -> int | None:
     per_problem = batch.x.shape[1] * batch.y.shape[1] * batch.x.dtype.itemsize
     fits = max(1, AUTO_CHUNK_BYTES // per_problem)
     return None if fits >= len(batch) else int(fits)
+
+
+#: Largest number of size buckets that ``buckets="auto"`` uses (one compilation each).
+AUTO_MAX_BUCKETS = 8
+#: ``buckets="auto"``: the fewest buckets whose padded entries are within this factor of
+#: the real problems' (up to `AUTO_MAX_BUCKETS`).
+AUTO_PADDING = 1.5
+
+
+def _take(values, idx):
+    return None if values is None else [values[k] for k in idx]
+
+
+def _partition(n: Sequence[int], m: Sequence[int], buckets: int | str, multiple: int) -> list[list[int]]:
+    """Problems grouped into size buckets, each padded to its own largest ``(n, m)``.
+
+    Problems are sorted by ``n * m`` and cut into contiguous groups by dynamic
+    programming, minimising the padded entries ``sum(len(group) * N * M)`` for each
+    number of groups. ``"auto"``: the fewest groups within `AUTO_PADDING` times the
+    real entries, at most `AUTO_MAX_BUCKETS`. Depends only on the (static) sizes."""
+    count = len(n)
+    top = count if buckets == "auto" else min(int(buckets), count)
+    top = min(top, AUTO_MAX_BUCKETS) if buckets == "auto" else top
+    order = sorted(range(count), key=lambda k: (n[k] * m[k], n[k], k))
+    sn = [_round_up(n[k], multiple) for k in order]
+    sm = [_round_up(m[k], multiple) for k in order]
+
+    def padded(i: int, j: int) -> int:  # order[i:j] as one bucket
+        return (j - i) * max(sn[i:j]) * max(sm[i:j])
+
+    inf = float("inf")
+    best = [[inf] * (count + 1) for _ in range(top + 1)]  # best[g][j]: order[:j] in g groups
+    cut = [[0] * (count + 1) for _ in range(top + 1)]
+    best[0][0] = 0
+    for g in range(1, top + 1):
+        for j in range(g, count + 1):
+            for i in range(g - 1, j):
+                v = best[g - 1][i] + padded(i, j)
+                if v < best[g][j]:
+                    best[g][j], cut[g][j] = v, i
+    if buckets == "auto":
+        real = sum(a * b for a, b in zip(sn, sm, strict=True))
+        fits = [g for g in range(1, top + 1) if best[g][count] <= AUTO_PADDING * real]
+        groups = fits[0] if fits else min(range(1, top + 1), key=lambda g: best[g][count])
+    else:  # at most `buckets`: the fewest with the least padding
+        groups = min(range(1, top + 1), key=lambda g: (best[g][count], g))
+    bounds, j = [], count
+    for g in range(groups, 0, -1):
+        bounds.append((cut[g][j], j))
+        j = cut[g][j]
+    return [[order[t] for t in range(i, j)] for i, j in reversed(bounds)]
 
 
 #: solver options that the solvers trace (a new value does not recompile)
@@ -334,6 +408,7 @@ def solve_ragged(
     epsilon: float | Array | None = None,
     multiple: int = 1,
     batch_size: int | str | None = "auto",
+    buckets: int | str = "auto",
     **solver_kwargs: Any,
 ) -> RaggedSolution:
     """Solve OT problems of different sizes together in one compiled solver call.
@@ -361,6 +436,13 @@ def solve_ragged(
             ``"auto"``: ``None`` off CPU, or when all the padded kernels fit
             `AUTO_CHUNK_BYTES` (1 MiB); else chunks of as many problems as fit
             (at least one). Same results either way.
+        buckets: static. Problems are grouped by size and each group is padded to
+            its own largest sizes and solved in its own compiled call (one
+            compilation per distinct padded shape). An integer: at most that many
+            groups, chosen to minimise the padded entries (``1``: everything padded
+            to the largest problem). ``"auto"``: the fewest groups (at most
+            `AUTO_MAX_BUCKETS`, 8) whose padded entries are within `AUTO_PADDING`
+            (1.5x) of the real ones. Ignored for a `PaddedBatch`.
         **solver_kwargs: static options and scalars passed to every solve (``tol``,
             ``max_iter``, ``tau_a``, ...).
 
@@ -375,19 +457,25 @@ def solve_ragged(
         >>> res.converged.tolist(), res.reg_cost.shape
         ([True, True, True], (3,))
     """
+    if buckets != "auto" and not (
+        isinstance(buckets, (int, np.integer)) and not isinstance(buckets, bool) and buckets >= 1
+    ):
+        raise ValueError(f"`buckets` must be 'auto' or an integer >= 1; got {buckets!r}.")
     if isinstance(xs, PaddedBatch):
         if ys is not None or a is not None or b is not None:
             raise ValueError("with a PaddedBatch, do not pass `ys`, `a` or `b`.")
         batch = xs
+        groups = [list(range(len(batch)))]
     else:
         if ys is None:
             raise ValueError("`ys` is required (one target cloud per source cloud).")
-        batch = pad_batch(xs, ys, a, b, multiple=multiple)
+        batch = pad_batch(xs, ys, a, b, multiple=multiple)  # (validates every problem)
+        groups = _partition(batch.n, batch.m, buckets, multiple)
+        if len(groups) == 1:  # the whole batch, in input order
+            groups = [list(range(len(batch)))]
     if not callable(solver):
         raise ValueError(f"`solver` must be an otlab solver function; got {solver!r}.")
-    if batch_size == "auto":
-        batch_size = _auto_batch_size(batch)
-    if batch_size is not None and not (
+    if batch_size != "auto" and batch_size is not None and not (
         isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool) and batch_size >= 1
     ):
         raise ValueError(f"`batch_size` must be None, 'auto' or an integer >= 1; got {batch_size!r}.")
@@ -407,9 +495,18 @@ def solve_ragged(
         hash(static)
     except TypeError as err:
         raise ValueError(f"solver options must be arrays or hashable values: {err}") from None
-    sol = _solve_padded(
-        batch, costs_lib.as_cost(cost), eps, traced,
-        solver=solver, block_size=block_size, static=static,
-        batch_size=None if batch_size is None else int(batch_size),
-    )  # fmt: skip
-    return RaggedSolution(sol, batch.n, batch.m)
+    sols, where = [], [(0, 0)] * nb
+    for gi, idx in enumerate(groups):
+        if len(groups) == 1:
+            part = batch
+        else:
+            part = pad_batch(*(_take(v, idx) for v in (xs, ys, a, b)), multiple=multiple)
+        for pos, k in enumerate(idx):
+            where[k] = (gi, pos)
+        size = _auto_batch_size(part) if batch_size == "auto" else batch_size
+        sols.append(_solve_padded(
+            part, costs_lib.as_cost(cost), None if eps is None else eps[np.asarray(idx)], traced,
+            solver=solver, block_size=block_size, static=static,
+            batch_size=None if size is None else int(size),
+        ))  # fmt: skip
+    return RaggedSolution(tuple(sols), batch.n, batch.m, tuple(where))

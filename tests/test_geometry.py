@@ -16,6 +16,7 @@ import ott.geometry.geometry as ott_geometry
 import ott.geometry.pointcloud as ott_pointcloud
 import problems
 import pytest
+from conftest import CHILD_XLA_FLAGS, TEST_XLA_FLAGS
 from ott.geometry import costs as ott_costs
 from scipy.special import logsumexp
 
@@ -317,7 +318,7 @@ _RSS_LIMIT_MB = 700.0  # the dense matrix alone would be ~1030 MB
 @pytest.fixture(scope="module")
 def memory_run():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    if env.get("XLA_FLAGS") == "--xla_backend_optimization_level=0":  # set by conftest
+    if env.get("XLA_FLAGS") in (TEST_XLA_FLAGS, CHILD_XLA_FLAGS):  # set by conftest
         del env["XLA_FLAGS"]  # measure the library as users run it
     proc = subprocess.run(
         [sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=600, env=env

@@ -54,15 +54,17 @@ def test_ragged_sinkhorn_equals_each_alone(dtype):
                 assert int(one.n_iter) == int(alone.n_iter)
 
 
-@pytest.mark.parametrize("batch_size", [None, 2, 1])
-def test_ragged_statuses_are_per_problem(x64, batch_size):
-    """vmapped (None), chunks of 2 with a remainder, one at a time: each problem its
-    own iterations and status, the same answers."""
+@pytest.mark.parametrize("batch_size, buckets", [(None, "auto"), (2, 1), (1, 2)])
+def test_ragged_statuses_are_per_problem(x64, batch_size, buckets):
+    """vmapped (None), chunks of 2 with a remainder, one at a time; one padded shape
+    or size buckets: each problem its own iterations and status, the same answers, in
+    the order of the input."""
     xs, ys, _ = _clouds(jnp.float64)
     # one problem with a tiny epsilon cannot converge in 30 iterations; the others can
     eps = jnp.array([5.0, 1e-3, 5.0])
     kw = dict(epsilon=eps, max_iter=30, tol=1e-3, mode="log")
-    res = otlab.solve_ragged(xs, ys, batch_size=batch_size, **kw)
+    res = otlab.solve_ragged(xs, ys, batch_size=batch_size, buckets=buckets, **kw)
+    assert len(res.solutions) == (1 if buckets == 1 else 2)
     assert res.status.tolist() == [Status.SUCCESS, Status.MAX_ITER, Status.SUCCESS]
     assert res.n_iter[1] == 30 and res.n_iter[0] < 30 and res.n_iter[2] < 30
     for k, (x, y) in enumerate(zip(xs, ys, strict=True)):
@@ -71,13 +73,14 @@ def test_ragged_statuses_are_per_problem(x64, batch_size):
         np.testing.assert_allclose(res[k].f, alone.f, atol=1e-9)
 
 
-@pytest.mark.parametrize("batch_size", [None, 1])
-def test_ragged_gradients_equal_each_alone(x64, batch_size):
+@pytest.mark.parametrize("batch_size, buckets", [(None, 1), (1, 2)])
+def test_ragged_gradients_equal_each_alone(x64, batch_size, buckets):
     xs, ys, _ = _clouds(jnp.float64)
     xs, ys = xs[:2], ys[:2]
 
     def batched(xs):
-        res = otlab.solve_ragged(xs, ys, epsilon=0.1, tol=1e-10, batch_size=batch_size)
+        res = otlab.solve_ragged(xs, ys, epsilon=0.1, tol=1e-10, batch_size=batch_size, buckets=buckets)
+        assert len(res.solutions) == buckets
         return jnp.sum(res.reg_cost)
 
     def loop(xs):
@@ -106,6 +109,58 @@ def test_auto_batch_size():
     assert ragged._auto_batch_size(batch(3, 600, 600)) == 1
 
 
+def test_partition_into_size_buckets():
+    """Buckets cover every problem once; the dynamic programme's cut is the best
+    contiguous one in ``n * m`` order (brute force); "auto" stops at the fewest buckets
+    within `AUTO_PADDING` of the real entries; equal sizes make one bucket."""
+    import itertools
+
+    from otlab import ragged
+
+    def padded(groups, n, m):
+        return sum(len(g) * max(n[k] for k in g) * max(m[k] for k in g) for g in groups)
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        count = int(rng.integers(1, 8))
+        n, m = tuple(rng.integers(1, 60, count).tolist()), tuple(rng.integers(1, 60, count).tolist())
+        order = sorted(range(count), key=lambda k: (n[k] * m[k], n[k], k))
+        for buckets in (1, 2, 3):
+            groups = ragged._partition(n, m, buckets, 1)
+            assert sorted(k for g in groups for k in g) == list(range(count))
+            assert len(groups) <= buckets
+            brute = min(
+                padded([order[i:j] for i, j in itertools.pairwise((0, *cuts, count))], n, m)
+                for r in range(min(buckets, count))
+                for cuts in itertools.combinations(range(1, count), r)
+            )
+            assert padded(groups, n, m) == brute
+        auto = ragged._partition(n, m, "auto", 1)
+        real = sum(a * b for a, b in zip(n, m, strict=True))
+        fewer = ragged._partition(n, m, len(auto) - 1, 1) if len(auto) > 1 else None
+        assert padded(auto, n, m) <= ragged.AUTO_PADDING * real or len(auto) == min(count, ragged.AUTO_MAX_BUCKETS)
+        assert fewer is None or padded(fewer, n, m) > ragged.AUTO_PADDING * real
+    assert ragged._partition((5, 5, 5), (7, 7, 7), "auto", 1) == [[0, 1, 2]]
+    assert ragged._partition((5, 5, 5), (7, 7, 7), 3, 1) == [[0, 1, 2]]  # no gain: one bucket
+    # rounding to `multiple` first: 5 and 7 both pad to 8, one bucket
+    assert ragged._partition((5, 7), (8, 8), "auto", 4) == [[0, 1]]
+
+
+def test_bucketed_solution_access():
+    xs, ys, _ = _clouds(jnp.float32)
+    one = otlab.solve_ragged(xs, ys, epsilon=0.5, buckets=1)
+    two = otlab.solve_ragged(xs, ys, epsilon=0.5, buckets=3)
+    assert len(one.solutions) == 1 and one.solution is one.solutions[0]
+    assert len(two.solutions) == 3 and sorted(two.where) == [(0, 0), (1, 0), (2, 0)]
+    with pytest.raises(ValueError, match="size buckets"):
+        _ = two.solution
+    for name in ("status", "n_iter", "converged", "reg_cost", "cost"):
+        np.testing.assert_allclose(getattr(one, name), getattr(two, name), rtol=1e-5, err_msg=name)
+    for u, v in zip(one, two, strict=True):
+        assert u.f.shape == v.f.shape
+        np.testing.assert_allclose(u.f, v.f, atol=1e-5)
+
+
 def test_bad_inputs():
     x = [jnp.zeros((3, 2))]
     with pytest.raises(ValueError, match="`xs` and `ys`"):
@@ -125,6 +180,8 @@ def test_bad_inputs():
     for bad in (0, 1.5, True, "cpu"):
         with pytest.raises(ValueError, match="`batch_size`"):
             otlab.solve_ragged(x, x, batch_size=bad)
+        with pytest.raises(ValueError, match="`buckets`"):
+            otlab.solve_ragged(x, x, buckets=bad)
     with pytest.raises(ValueError, match=r"`b\[0\]`"):
         otlab.pad_batch(x, x, b=[-jnp.ones(3)])
     with pytest.raises(ValueError, match="`xs\\[0\\]`"):

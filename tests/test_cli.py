@@ -36,6 +36,8 @@ def test_demo_small(tmp_path, capsys):
     assert int(re.search(r"\(max (\d+) tokens/expert", line).group(1)) <= 20  # the capacity
     line = next(q for q in out.splitlines() if q.startswith("large online solve"))
     assert line.count("SUCCESS") == 2, line
+    line = next(q for q in out.splitlines() if q.startswith("ragged batch"))
+    assert "statuses equal: True" in line and float(re.search(r"alone\| ([0-9.e+-]+),", line).group(1)) < 1e-4
     pngs = sorted(tmp_path.glob("*.png"))
     assert len(pngs) == 4 * len(problems) + 1  # + metric_learning.png
     assert "metric learning" in out and (tmp_path / "metric_learning.png").exists()

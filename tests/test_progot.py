@@ -74,13 +74,13 @@ def test_recursion_default_path():
     # the cost prices the coupling on the original points
     c = np.sum((np.asarray(x)[:, None] - np.asarray(y)[None]) ** 2, -1)
     np.testing.assert_allclose(sol.cost, np.sum(c * plan), rtol=1e-4)
-    # Algorithm 4: start = 0.05 mean C(x, y), end = best scale * 0.05 mean C(y_tr, y_tr),
+    # Algorithm 4: start = beta_0 0.05 mean C(x, y) (beta_0 = 2), end = best scale * 0.05 mean C(y_tr, y_tr),
     # interpolated by the travelled fraction t_k = k / K.
     train, held = progot_lib._holdout_split(40, 5)
     ytr = np.asarray(y)[train]
     eps_yy = 0.05 * np.mean(np.sum((ytr[:, None] - ytr[None]) ** 2, -1))
     best = progot_lib.EPSILON_SCALES[int(np.argmin(sol.selection_errors))]
-    start, end = 0.05 * np.mean(c), best * eps_yy
+    start, end = 2 * 0.05 * np.mean(c), best * eps_yy
     t = np.arange(K) / K
     np.testing.assert_allclose(sol.epsilons, (1 - t) * start + t * end, rtol=1e-5)
     # the selection errors are the held-out errors of the y -> y entropic maps: centered

@@ -57,9 +57,10 @@ neighbouring scales (``r eps`` the next larger one of the grid; one more solve a
 the largest), whose bias is ``O(eps^2)`` like the centered map's. (The centered self map
 itself is the identity at every ``eps``: nothing to select.) The plain criterion trades
 the plain map's ``O(eps)`` pull towards local means against its variance; once
-centering removes that pull it picks too small an ``epsilon`` for the last step, by a
-factor 2 in 8-32 dimensions and 2-8 in 2-D (docs/progot.md). The first epsilon is
-``beta_0 *`` the default epsilon of ``(x, y)``; in between
+centering removes that pull it picks too small an ``epsilon`` for the last step (the
+debiased one picks 1.4-2x larger in 8-32 dimensions, 1-8x in 2-D, and lowers the map
+error; docs/progot.md). The first epsilon is
+``beta_0 *`` the default epsilon of ``(x, y)`` (``beta_0 = 2`` by default); in between
 
 $$ \\varepsilon_k = (1 - t_k)\\, \\varepsilon_{\\text{start}} + t_k\\, \\varepsilon_{\\text{end}}. $$
 
@@ -417,7 +418,7 @@ def progot(
     tol: float | None = None,
     max_iter: int | None = None,
     warm_start: bool = True,
-    epsilon_start_scale: float | Array = 1.0,
+    epsilon_start_scale: float | Array = 2.0,
     epsilon_scales: tuple[float, ...] = EPSILON_SCALES,
     holdout: int = 5,
     center: bool = True,
@@ -446,7 +447,11 @@ def progot(
         warm_start: static. Start step ``k + 1`` from ``(1 - alpha_k)`` times the
             potentials of step ``k`` (otherwise from zeros).
         epsilon_start_scale: ``beta_0`` of ``epsilons="auto"`` (traced): the first
-            epsilon is ``beta_0 * 0.05 * mean C(x, y)``.
+            epsilon is ``beta_0 * 0.05 * mean C(x, y)``. Default 2 (ott-jax: 1): the
+            early steps' errors are refitted by the later ones, which start from the
+            displaced points, so a smoother first map pays (measured on the benchmark:
+            lower error on 58 of 75 cells, higher in 32-D, still 0.3-0.7x the
+            one-shot map's; docs/progot.md).
         epsilon_scales: static grid of scales of the target's default epsilon
             searched by ``epsilons="auto"``.
         holdout: static. ``epsilons="auto"`` holds out every ``holdout``-th target

@@ -74,22 +74,35 @@ def test_recursion_default_path():
     # the cost prices the coupling on the original points
     c = np.sum((np.asarray(x)[:, None] - np.asarray(y)[None]) ** 2, -1)
     np.testing.assert_allclose(sol.cost, np.sum(c * plan), rtol=1e-4)
-    # Algorithm 4: start = 0.05 mean C(x, y), end = best scale * 0.05 mean C(y_tr, y_tr),
+    # Algorithm 4: start = beta_0 0.05 mean C(x, y) (beta_0 = 2), end = best scale * 0.05 mean C(y_tr, y_tr),
     # interpolated by the travelled fraction t_k = k / K.
     train, held = progot_lib._holdout_split(40, 5)
     ytr = np.asarray(y)[train]
     eps_yy = 0.05 * np.mean(np.sum((ytr[:, None] - ytr[None]) ** 2, -1))
     best = progot_lib.EPSILON_SCALES[int(np.argmin(sol.selection_errors))]
-    start, end = 0.05 * np.mean(c), best * eps_yy
+    start, end = 2 * 0.05 * np.mean(c), best * eps_yy
     t = np.arange(K) / K
     np.testing.assert_allclose(sol.epsilons, (1 - t) * start + t * end, rtol=1e-5)
-    # the selection errors are the held-out errors of the y -> y entropic maps
-    for s in (best, progot_lib.EPSILON_SCALES[0]):
+    # the selection errors are the held-out errors of the y -> y entropic maps: centered
+    # (the default), of the Richardson extrapolation (2 T_eps - T_2eps) of the maps at a
+    # scale and the next larger one (twice the largest for the largest: the grid is
+    # geometric with ratio 2); plain (the paper's) with center=False
+    plain = otlab.progot(x, y, num_steps=K, center=False)
+    yev = np.asarray(y)[held]
+
+    def self_map(s):
         one = otlab.sinkhorn(otlab.PointCloud(ytr, ytr), epsilon=s * eps_yy)
-        yev = np.asarray(y)[held]
-        err = np.mean(np.sum((np.asarray(one.transport(yev)) - yev) ** 2, -1))
+        return np.asarray(one.transport(yev))
+
+    best_plain = progot_lib.EPSILON_SCALES[int(np.argmin(plain.selection_errors))]
+    for s in sorted({best, best_plain, progot_lib.EPSILON_SCALES[0]}):
         i = progot_lib.EPSILON_SCALES.index(s)
+        err = np.mean(np.sum((self_map(s) - yev) ** 2, -1))
+        np.testing.assert_allclose(plain.selection_errors[i], err, rtol=1e-3)
+        err = np.mean(np.sum((2 * self_map(s) - self_map(2 * s) - yev) ** 2, -1))
         np.testing.assert_allclose(sol.selection_errors[i], err, rtol=1e-3)
+    end_plain = best_plain * eps_yy
+    np.testing.assert_allclose(plain.epsilons, (1 - t) * start + t * end_plain, rtol=1e-5)
 
 
 def test_reference_loop_and_the_ott_bug(x64):

@@ -191,6 +191,18 @@ class Problem:
         phi = (jnp.sum(self.a * f) - jnp.sum(self.b * g)) / self.gamma
         return self.a - row - self.a * phi, self.b - col + self.b * phi
 
+    def _pattern(self, f: Array, g: Array):
+        """``(idx, mask, da, db)``: the kept entries, the 0/1 pattern ``M`` of the
+        plan's nonzeros there, and the diagonal of the Hessian's block part with its
+        ridge (see `hessian_operator`)."""
+        idx = jax.lax.stop_gradient(self.topk(f, g))
+        mask = (self.scores(f, g, idx) > 0).astype(f.dtype)
+        inv = 1.0 / self.gamma
+        n_row, n_col = self._sums(idx, mask)
+        rel = 1e-12 if f.dtype == jnp.float64 else 1e-6
+        ridge = rel * inv * jnp.maximum(jnp.max(n_row), jnp.max(n_col))
+        return idx, mask, inv * n_row + ridge, inv * n_col + ridge
+
     def hessian_operator(self, f: Array, g: Array):
         """``(matvec, diagonal)`` of ``A = -dF/d(f, g)``.
 
@@ -200,13 +212,8 @@ class Problem:
         ``1e-12`` (float64) times the largest diagonal entry, which keeps the solve
         finite when the pattern leaves a row empty (only at ties).
         """
-        idx = jax.lax.stop_gradient(self.topk(f, g))
-        mask = (self.scores(f, g, idx) > 0).astype(f.dtype)
+        idx, mask, da, db = self._pattern(f, g)
         inv = 1.0 / self.gamma
-        n_row, n_col = self._sums(idx, mask)
-        rel = 1e-12 if f.dtype == jnp.float64 else 1e-6
-        ridge = rel * inv * jnp.maximum(jnp.max(n_row), jnp.max(n_col))
-        da, db = inv * n_row + ridge, inv * n_col + ridge
 
         def apply_m(y):  # M y for y on the columns (``axis=0``) / rows
             return jax.ops.segment_sum(
@@ -425,18 +432,73 @@ def _loop_problem(problem: Problem) -> tuple[Problem, bool]:
     return Problem(geom_t, problem.b, problem.a, problem.gamma, problem.k, 1, problem.support), True
 
 
-def _newton_direction(p: Problem, f: Array, g: Array, maxiter: int | None = None):
+def _schur_cg(p: Problem, idx: Array, mask: Array, da: Array, db: Array, rhs, *, tol, maxiter):
+    """Solve ``(B + (1/gamma) (0, w_o) (0, w_o)^T) z = rhs`` by conjugate gradient on
+    the Schur complement of the lines, with ``B = [[D_l, M/gamma], [M^T/gamma, D_o]]``
+    in (lines, others) order (``M`` the 0/1 pattern ``mask`` at ``idx``; ``D`` diagonal,
+    positive; `p._lines` orders ``(da, db)``) and ``w_o`` the other side's weights.
+
+    The lines are eliminated (``D_l`` is diagonal): Jacobi-preconditioned CG runs on
+    ``S = D_o - M^T D_l^{-1} M / gamma^2 + w_o w_o^T / gamma`` over the other side's
+    points, then ``z_l = D_l^{-1} (rhs_l - M z_o / gamma)``. On the bipartite ``B``
+    Jacobi-preconditioned CG takes two iterations per one on ``S`` (a 2-cyclic
+    matrix), and an iteration on ``S`` costs the same products with ``M`` and ``M^T``
+    as one on ``B``: half the iterations, on half the vector (at ``n = 200`` an
+    iteration is a few microseconds, mostly fixed costs per operation). The rank-one
+    term fixes the null direction ``(1, -1)`` of a connected support, as ``w w^T /
+    gamma`` with ``w = (a, -b)`` does: for a right-hand side orthogonal to it (as the
+    dual's gradient is) the solutions differ only along ``(1, -1)``, a change of gauge.
+    Dense or point-cloud geometries (a sharded one splits its sides differently).
+    """
+    inv = 1.0 / p.gamma
+    n_other = p.geom.shape[p.axis]
+    dl, do = p._lines(da, db)
+    rl, ro = p._lines(*rhs)
+    wo = p._lines(p.a, p.b)[1]
+
+    def m_lines(v):  # M v, per line
+        return _line_sum(mask * v[idx])
+
+    def m_other(u):  # M^T u, per point on the other side
+        return jax.ops.segment_sum((mask * u[:, None]).reshape(-1), idx.reshape(-1), n_other)
+
+    def schur(v):
+        return do * v + inv * (wo * (wo @ v) - inv * m_other(m_lines(v) / dl))
+
+    pre = do + inv * (wo * wo - inv * m_other(1.0 / dl))
+    zo = jax.scipy.sparse.linalg.cg(
+        schur, ro - inv * m_other(rl / dl), tol=tol, maxiter=maxiter, M=lambda z: z / pre
+    )[0]
+    return p._join((rl - inv * m_lines(zo)) / dl, zo)
+
+
+def _reducible(geom) -> bool:
+    return isinstance(geom, (geometry_lib.Geometry, geometry_lib.PointCloud))
+
+
+def _newton_direction(
+    p: Problem, f: Array, g: Array, maxiter: int | None = None, reduced: bool = True
+):
     """``A^{-1} F`` by preconditioned conjugate gradient on the sparse Hessian, at most
-    ``maxiter`` iterations, default ``2 (n + m)`` (in exact arithmetic it ends within
-    ``n + m``; with a cap of 200 the relative residual stayed at 1e-3 to 2e-2 on
+    ``maxiter`` iterations, default ``2 (n + m)`` (``n + m`` on the Schur complement;
+    in exact arithmetic it ends within ``n + m``; with a cap of 200 the relative residual stayed at 1e-3 to 2e-2 on
     100 x 100 problems, and phase 2 could stop short of the marginals by rounding
-    chance)."""
+    chance). ``reduced`` (dense and point-cloud geometries): on the lines' Schur
+    complement (`_schur_cg`), with the gauge term on the other side only; the step
+    then differs along ``(1, -1)``, which the caller's `Problem.gauge` removes."""
     tol = 1e-12 if f.dtype == jnp.float64 else 1e-6
-    matvec, (da, db) = p.hessian_operator(f, g)
+    rhs = p.optimality(f, g)
+    if reduced and _reducible(p.geom):
+        # an iteration on the Schur complement does the work of two on the pair:
+        # ``n + m`` of them match the pair's ``2 (n + m)`` (the cap is reached where
+        # no plan on the support meets the marginals: a singular, inconsistent system)
+        idx, mask, da, db = p._pattern(f, g)
+        maxiter = sum(p.geom.shape) if maxiter is None else maxiter
+        return _schur_cg(p, idx, mask, da, db, rhs, tol=tol, maxiter=maxiter)
     maxiter = 2 * sum(p.geom.shape) if maxiter is None else maxiter
+    matvec, (da, db) = p.hessian_operator(f, g)
     d, _ = jax.scipy.sparse.linalg.cg(
-        matvec, p.optimality(f, g), tol=tol, maxiter=maxiter,
-        M=lambda z: (z[0] / da, z[1] / db),
+        matvec, rhs, tol=tol, maxiter=maxiter, M=lambda z: (z[0] / da, z[1] / db),
     )
     return d
 
@@ -450,7 +512,7 @@ def _polish(p: Problem, f: Array, g: Array, steps: int = 3):
         f, g, val = carry
         # (200 CG iterations, as before phase 2's cap was raised: with 2 (n + m),
         # L-BFGS's SUCCESS count over the benchmark's 64 problems fell from 54 to 52)
-        d = _newton_direction(p, f, g, maxiter=200)
+        d = _newton_direction(p, f, g, maxiter=200, reduced=False)
         f2, g2 = f + d[0], g + d[1]
         v2 = p.dual(f2, g2)
         ok = v2 >= val
@@ -647,7 +709,8 @@ class _NewtonCarry(NamedTuple):
 
 
 def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
-            stage_iter=60, stage_tol=1e-3, patience=3, max_backtrack=20):
+            stage_iter=60, stage_tol=1e-3, patience=3, max_backtrack=20,
+            tie_vtol=1e-8):
     """Maximise ``D`` by a globalised semismooth Newton method (Lorenz, Manns & Meyer
     2021 for quadratically regularised OT), the support recomputed at every step,
     along a continuation in ``gamma``.
@@ -660,7 +723,9 @@ def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
     ``lam`` is divided by 4 after a full step and multiplied by 4 per backtracking
     halving; the support graph is usually disconnected and each component's gauge
     direction is a null direction of the Hessian) and the gauge term ``w w^T /
-    gamma``. ``d`` is an ascent direction of the concave ``D``; the step ``t = 1,
+    gamma`` (``w_o w_o^T / gamma`` on the other side only where the solve runs on the
+    lines' Schur complement, `_schur_cg`: the step changes only along the gauge
+    ``(1, -1)``, which the dual ignores). ``d`` is an ascent direction of the concave ``D``; the step ``t = 1,
     1/2, ...`` (at most ``max_backtrack`` halvings) is the first with Armijo's ascent
     ``D(x + t d) >= D(x) + 1e-4 t <grad, d>``; within the dual's rounding, a step that
     lowers the marginal error counts as one.
@@ -677,7 +742,11 @@ def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
     ``gamma`` run to ``tol`` or ``max_iter`` steps. A stage also ends (``SUCCESS``)
     when ``patience`` steps in a row raise ``D`` by at most ``vtol`` relative
     without halving the marginal error, or when no step is an ascent (a nonsmooth
-    optimum: a tie between ``k``-th and ``(k+1)``-th scores).
+    optimum: a tie between ``k``-th and ``(k+1)``-th scores). In the last stage
+    (``keep < p.k``) that threshold is ``max(vtol, tie_vtol)``: its optimum often lies on
+    ties, where the steps cycle between supports while ``D`` creeps up by 1e-9 to 1e-8
+    relative per step (n = 200, k = 2: 40 to 80 such steps, 1e-6 relative in all);
+    the plan is then phase 2's (`_feasible_support`), not this stage's.
 
     One `lax.while_loop` runs all of it, one trial point per iteration (a new
     direction, or a halving of the step, or a change of stage): under `jax.vmap` the
@@ -714,44 +783,28 @@ def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
         idx = x.idx
 
         rhs = (jnp.where(fresh, ps.a - x.row, 0.0), jnp.where(fresh, ps.b - x.col, 0.0))
+        forcing = jnp.clip(x.err / total_mass, cg_tol_floor, 0.1)
         if direct:
             d = _schur_solve(ps, idx, mask, da, db, rhs)
-        else:
+        elif _reducible(ps.geom):  # conjugate gradient on the lines' Schur complement
+            d = _schur_cg(ps, idx, mask, da, db, rhs, tol=forcing, maxiter=cg_iter)
+        else:  # a sharded geometry: on the pair (f and g are split differently)
             pa, pb = da + inv * ps.a**2, db + inv * ps.b**2
-            forcing = jnp.clip(x.err / total_mass, cg_tol_floor, 0.1)
-            cg = functools.partial(jax.scipy.sparse.linalg.cg, tol=forcing, maxiter=cg_iter)
 
-            def sums(u, v):  # (M v) per line, (M^T u) per point on the other side
-                line = _line_sum(mask * v[idx])
+            def pair(z):
+                zx, zy = z
+                phi = inv * (jnp.sum(ps.a * zx) - jnp.sum(ps.b * zy))
+                u, v = ps._lines(zx, zy)
+                line = _line_sum(mask * v[idx])  # M v per line, M^T u per other point
                 other = jax.ops.segment_sum(
                     (mask * u[:, None]).reshape(-1), idx.reshape(-1), n_other
                 )
-                return ps._join(line, other)
+                ox, oy = ps._join(line, other)
+                return da * zx + inv * ox + ps.a * phi, db * zy + inv * oy - ps.b * phi
 
-            if isinstance(ps.geom, (geometry_lib.Geometry, geometry_lib.PointCloud)):
-                # one flat vector (f, g): half the operations per iteration of the pair
-                # (at n = 200 an iteration is a few microseconds, mostly fixed costs);
-                # a sharded geometry keeps the pair (f and g are split differently)
-                n_f = ps.a.shape[0]
-                w = jnp.concatenate([ps.a, -ps.b])
-                diag = jnp.concatenate([da, db])
-
-                def flat(z):
-                    s = sums(*ps._lines(z[:n_f], z[n_f:]))
-                    return diag * z + inv * (jnp.concatenate(s) + w * (w @ z))
-
-                pre = jnp.concatenate([pa, pb])
-                d = cg(flat, jnp.concatenate(rhs), M=lambda z: z / pre)[0]
-                d = (d[:n_f], d[n_f:])
-            else:
-
-                def pair(z):
-                    zx, zy = z
-                    phi = inv * (jnp.sum(ps.a * zx) - jnp.sum(ps.b * zy))
-                    ox, oy = sums(*ps._lines(zx, zy))
-                    return da * zx + inv * ox + ps.a * phi, db * zy + inv * oy - ps.b * phi
-
-                d = cg(pair, rhs, M=lambda z: (z[0] / pa, z[1] / pb))[0]
+            d = jax.scipy.sparse.linalg.cg(
+                pair, rhs, tol=forcing, maxiter=cg_iter, M=lambda z: (z[0] / pa, z[1] / pb)
+            )[0]
         slope = jnp.sum(d[0] * rhs[0]) + jnp.sum(d[1] * rhs[1])
         # an empty point (no positive entry) sees a linear dual until its potential
         # reaches the score that enters a line's top-k: jump there first
@@ -810,7 +863,8 @@ def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
         # resolution while the error still shrinks)
         halved = new.err < 0.5 * c.ref
         ref = jnp.where(restart | (stepped & halved), new.err, c.ref)
-        small = ~(gain > vtol * jnp.maximum(jnp.abs(x.value), 1.0)) & ~halved
+        vtol_s = jnp.where(c.stage > stages, jnp.maximum(vtol, tie_vtol), vtol)
+        small = ~(gain > vtol_s * jnp.maximum(jnp.abs(x.value), 1.0)) & ~halved
         slow = jnp.where(stepped, jnp.where(small, c.slow + 1, 0), c.slow)
         it = c.it + stepped
         finite = jnp.isfinite(new.value)
@@ -944,7 +998,8 @@ def _refine(problem: Problem, init, *, tol, max_steps):
             lambda t: ~accept(t) & (t > 2.0**-30), lambda t: 0.5 * t, jnp.asarray(1.0, f.dtype)
         )
         ok = accept(t)
-        f2, g2 = jnp.where(ok, f + t * df, f), jnp.where(ok, g + t * dg, g)
+        # (gauged: the reduced solve's step may move along (1, -1))
+        f2, g2 = p.gauge(jnp.where(ok, f + t * df, f), jnp.where(ok, g + t * dg, g))
         err2 = _error(p, f2, g2)
         # an unbounded restricted dual (no plan on this support meets the marginals)
         # shows as the dual growing while the marginal error stays put

@@ -180,8 +180,8 @@ def _ragged(count: int, lo: int, hi: int) -> str:
                 f"{times['loop'] / times[name]:.2f}x", f"{cold['loop'] / cold[name]:.2f}x"]  # fmt: skip
 
     rows = [
-        row(f"`otlab.solve_ragged` defaults (`buckets=\"auto\"`: {n_buckets} size buckets; lax.map)", "bucketed"),
-        row("`otlab.solve_ragged`, `buckets=1, batch_size=1` (one padded shape, lax.map)", "mapped"),
+        row(f"`otlab.solve_ragged`, `buckets=\"auto\"` ({n_buckets} size buckets; lax.map)", "bucketed"),
+        row("`otlab.solve_ragged` defaults (`buckets=1`, `batch_size=1` here: one padded shape, lax.map)", "mapped"),
         row("`otlab.solve_ragged`, `buckets=1, batch_size=None` (one padded shape, one vmap)", "vmapped"),
         row("Python loop of `otlab.sinkhorn`", "loop"),
     ]

@@ -9,9 +9,9 @@ that value (real ones at zero), so that from a zero start the iterates are those
 the problem solved alone (an unbalanced problem's start is then shifted by the solver's
 translation of a given start, which changes the path, not the solution).
 
-`solve_ragged` groups the problems into size buckets (problems of similar sizes
-together, the grouping that pads least; ``buckets``), pads each bucket to its own
-largest sizes, solves each stack in one compiled solver call (one compilation per
+`solve_ragged` pads the problems to common sizes (or, with ``buckets``, groups them
+into size buckets, problems of similar sizes together, the grouping that pads least,
+and pads each bucket to its own largest sizes), solves each stack in one compiled solver call (one compilation per
 padded shape; vmapped, or on CPU mapped, below) and returns a `RaggedSolution`:
 per-problem status, costs and potentials on the real points, each problem the same as
 solved alone, in the order of the input.
@@ -408,7 +408,7 @@ def solve_ragged(
     epsilon: float | Array | None = None,
     multiple: int = 1,
     batch_size: int | str | None = "auto",
-    buckets: int | str = "auto",
+    buckets: int | str = 1,
     **solver_kwargs: Any,
 ) -> RaggedSolution:
     """Solve OT problems of different sizes together in one compiled solver call.
@@ -439,10 +439,13 @@ def solve_ragged(
         buckets: static. Problems are grouped by size and each group is padded to
             its own largest sizes and solved in its own compiled call (one
             compilation per distinct padded shape). An integer: at most that many
-            groups, chosen to minimise the padded entries (``1``: everything padded
-            to the largest problem). ``"auto"``: the fewest groups (at most
-            `AUTO_MAX_BUCKETS`, 8) whose padded entries are within `AUTO_PADDING`
-            (1.5x) of the real ones. Ignored for a `PaddedBatch`.
+            groups, chosen to minimise the padded entries (``1``, the default:
+            everything padded to the largest problem, one compilation). ``"auto"``:
+            the fewest groups (at most `AUTO_MAX_BUCKETS`, 8) whose padded entries are
+            within `AUTO_PADDING` (1.5x) of the real ones: for repeated solves of the
+            same sizes (32 problems of 50 to 500 points: 8 groups, 1.5x faster warm,
+            but 12x the compile time of one group; `benchmarks/bench_scale.py`).
+            Ignored for a `PaddedBatch`.
         **solver_kwargs: static options and scalars passed to every solve (``tol``,
             ``max_iter``, ``tau_a``, ...).
 

@@ -45,7 +45,7 @@ demo: $(STAMP)
 # One pytest session for the unit tests and the notebooks (notebooks first: they are
 # the longest items, so the two workers finish together), then the strict docs build.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup --nbmake notebooks tests
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=25 --nbmake notebooks tests
 	$(MAKE) docs
 
 unit: $(STAMP)

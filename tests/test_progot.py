@@ -74,7 +74,7 @@ def test_recursion_default_path():
     # the cost prices the coupling on the original points
     c = np.sum((np.asarray(x)[:, None] - np.asarray(y)[None]) ** 2, -1)
     np.testing.assert_allclose(sol.cost, np.sum(c * plan), rtol=1e-4)
-    # Algorithm 4: start = beta_0 0.05 mean C(x, y) (beta_0 = 2), end = best scale * 0.05 mean C(y_tr, y_tr),
+    # Algorithm 4: start = beta_0 0.05 mean C(x, y) (beta_0 = 2 when centered), end = best scale * 0.05 mean C(y_tr, y_tr),
     # interpolated by the travelled fraction t_k = k / K.
     train, held = progot_lib._holdout_split(40, 5)
     ytr = np.asarray(y)[train]
@@ -101,8 +101,9 @@ def test_recursion_default_path():
         np.testing.assert_allclose(plain.selection_errors[i], err, rtol=1e-3)
         err = np.mean(np.sum((2 * self_map(s) - self_map(2 * s) - yev) ** 2, -1))
         np.testing.assert_allclose(sol.selection_errors[i], err, rtol=1e-3)
-    end_plain = best_plain * eps_yy
-    np.testing.assert_allclose(plain.epsilons, (1 - t) * start + t * end_plain, rtol=1e-5)
+    # (uncentered: beta_0 = 1, the paper's)
+    end_plain, start_plain = best_plain * eps_yy, 0.05 * np.mean(c)
+    np.testing.assert_allclose(plain.epsilons, (1 - t) * start_plain + t * end_plain, rtol=1e-5)
 
 
 def test_reference_loop_and_the_ott_bug(x64):

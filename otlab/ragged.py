@@ -315,8 +315,14 @@ AUTO_MAX_BUCKETS = 8
 AUTO_PADDING = 1.5
 
 
-def _take(values, idx):
-    return None if values is None else [values[k] for k in idx]
+def _sub_batch(batch: PaddedBatch, idx: Sequence[int], multiple: int) -> PaddedBatch:
+    """Problems ``idx`` of a padded batch, cut to their own largest sizes (rounded up
+    to ``multiple``): the same layout as `pad_batch` of those problems alone."""
+    n, m = tuple(batch.n[k] for k in idx), tuple(batch.m[k] for k in idx)
+    rows, cols, pick = _round_up(max(n), multiple), _round_up(max(m), multiple), np.asarray(idx)
+    return PaddedBatch(
+        batch.x[pick, :rows], batch.y[pick, :cols], batch.a[pick, :rows], batch.b[pick, :cols], n, m
+    )
 
 
 def _partition(n: Sequence[int], m: Sequence[int], buckets: int | str, multiple: int) -> list[list[int]]:
@@ -327,8 +333,7 @@ def _partition(n: Sequence[int], m: Sequence[int], buckets: int | str, multiple:
     number of groups. ``"auto"``: the fewest groups within `AUTO_PADDING` times the
     real entries, at most `AUTO_MAX_BUCKETS`. Depends only on the (static) sizes."""
     count = len(n)
-    top = count if buckets == "auto" else min(int(buckets), count)
-    top = min(top, AUTO_MAX_BUCKETS) if buckets == "auto" else top
+    top = min(count, AUTO_MAX_BUCKETS if buckets == "auto" else int(buckets))
     order = sorted(range(count), key=lambda k: (n[k] * m[k], n[k], k))
     sn = [_round_up(n[k], multiple) for k in order]
     sm = [_round_up(m[k], multiple) for k in order]
@@ -472,7 +477,7 @@ def solve_ragged(
     else:
         if ys is None:
             raise ValueError("`ys` is required (one target cloud per source cloud).")
-        batch = pad_batch(xs, ys, a, b, multiple=multiple)  # (validates every problem)
+        batch = pad_batch(xs, ys, a, b, multiple=multiple)
         groups = _partition(batch.n, batch.m, buckets, multiple)
         if len(groups) == 1:  # the whole batch, in input order
             groups = [list(range(len(batch)))]
@@ -500,10 +505,7 @@ def solve_ragged(
         raise ValueError(f"solver options must be arrays or hashable values: {err}") from None
     sols, where = [], [(0, 0)] * nb
     for gi, idx in enumerate(groups):
-        if len(groups) == 1:
-            part = batch
-        else:
-            part = pad_batch(*(_take(v, idx) for v in (xs, ys, a, b)), multiple=multiple)
+        part = batch if len(groups) == 1 else _sub_batch(batch, idx, multiple)
         for pos, k in enumerate(idx):
             where[k] = (gi, pos)
         size = _auto_batch_size(part) if batch_size == "auto" else batch_size

@@ -20,7 +20,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # simplification) still run, and the numerics are the same. Export XLA_FLAGS to override.
 # (Subprocesses that measure performance or memory must drop this: see TEST_XLA_FLAGS.)
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-# Child processes (notebook kernels, the demo, the multi-device and multi-process
+# Child processes (notebook kernels, the multi-device, multi-process and memory
 # subprocesses) also use the CPU backend's legacy (elemental) fusion emitters, which
 # halve compile times again (jax 0.10.2: a Sinkhorn solve 0.60 -> 0.24 s, SNS 2.2 ->
 # 1.3 s, a Sinkhorn gradient 1.4 -> 0.65 s). Not in this process: they change float32

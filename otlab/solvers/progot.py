@@ -60,7 +60,8 @@ the plain map's ``O(eps)`` pull towards local means against its variance; once
 centering removes that pull it picks too small an ``epsilon`` for the last step (the
 debiased one picks 2x larger in 8-32 dimensions, 1-8x in 2-D, and lowers the map error;
 docs/progot.md). The first epsilon is
-``beta_0 *`` the default epsilon of ``(x, y)`` (``beta_0 = 2`` by default); in between
+``beta_0 *`` the default epsilon of ``(x, y)`` (by default ``beta_0 = 2`` with
+``center=True``, the paper's 1 without); in between
 
 $$ \\varepsilon_k = (1 - t_k)\\, \\varepsilon_{\\text{start}} + t_k\\, \\varepsilon_{\\text{end}}. $$
 

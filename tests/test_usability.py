@@ -56,6 +56,37 @@ def test_sorting_start_at_a_mass_tie_does_not_slow_sinkhorn(dtype):
         np.testing.assert_allclose(sol.reg_cost, zeros.reg_cost, rtol=1e-4)
 
 
+_DEFAULT_FLAGS_CHECK = """
+import jax, jax.numpy as jnp, otlab
+kx, ky = jax.random.split(jax.random.key(0))
+x = jnp.concatenate([jnp.array([-1.0, 0.0, 0.22]), 10 + jnp.abs(jax.random.normal(kx, (50,)))])
+y = jnp.concatenate([jnp.array([0.0, 0.0, 1.1]), 10 + jnp.abs(jax.random.normal(ky, (50,)))])
+geom = otlab.PointCloud(jnp.sort(x)[:, None], jnp.sort(y)[:, None])
+sol = otlab.sinkhorn(geom, epsilon=1e-2, max_iter=3000)
+print(otlab.Status.name(sol.status), int(sol.n_iter), float(sol.marginal_error))
+"""
+
+
+def test_a_verified_loop_returns_success_under_default_xla_flags():
+    """The users' configuration (XLA's default flags, not the suite's ``-O0``), float32:
+    the zeros start of the mass-tie problem above. Sinkhorn's in-loop check and
+    `otlab.solution.build`'s are the same formula compiled in different fusion contexts;
+    here they differ by 1.6 % of ``tol``, and a loop that stopped at 0.99 ``tol`` came
+    back MAX_ITER (1.016 ``tol``) after 1440 of 3000 iterations. The loop now stops
+    below `otlab.solution.STOP_FRACTION` ``* tol``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEFAULT_FLAGS_CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status, n_iter, err = proc.stdout.split()
+    assert status == "SUCCESS" and float(err) <= 1e-4 and int(n_iter) < 3000, proc.stdout
+
+
 @pytest.mark.parametrize("n,m", [(12, 12), (8, 20)])
 def test_sorting_potentials_at_ties_are_the_centred_optimal_dual(n, m, x64):
     # n, m with common divisors: uniform weights tie at multiples of 1/gcd(n, m).

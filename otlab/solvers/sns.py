@@ -66,7 +66,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from otlab import _checks, _dual, implicit
+from otlab import _checks, _dual, implicit, solution
 from otlab._checks import Init
 from otlab.geometry import GeometryLike, PlanOperator
 from otlab.solution import OTSolution, Status
@@ -395,6 +395,7 @@ def _forward(
     top_stage = jnp.floor(jnp.log(jnp.maximum(ratio_max, 1.0)) / jnp.log(STAGE_FACTOR))
     top_stage = jnp.where(jnp.isfinite(top_stage), top_stage, 0.0).astype(jnp.int32)
     stage_tol = jnp.maximum(tol, STAGE_TOL_REL * jnp.sum(problem.a))
+    stop = solution.stop_tol(tol)  # convergence at stage 0 (see `otlab.solution.STOP_FRACTION`)
 
     def at(stage):
         e = eps * STAGE_FACTOR ** stage.astype(dtype)
@@ -409,7 +410,7 @@ def _forward(
         )
         f, g = shift(f, g)
         # `otlab.implicit` shifts again, by a rounding error: check what it returns.
-        return _log_domain_error(problem, geom, *shift(f, g)) <= tol, f, g
+        return _log_domain_error(problem, geom, *shift(f, g)) <= stop, f, g
 
     def body(s: _State) -> _State:
         pk = at(s.stage)
@@ -507,7 +508,7 @@ def _forward(
                 far, refresh, lambda *x: x, f, g, row, col, obj, err, anchor
             )
         converged, f, g = jax.lax.cond(
-            (err <= tol) & (stage == 0), verify, lambda f, g: (jnp.asarray(False), f, g), f, g
+            (err <= stop) & (stage == 0), verify, lambda f, g: (jnp.asarray(False), f, g), f, g
         )
         status = jnp.where(converged, Status.SUCCESS, s.status)
         # Stagnation at the target epsilon (the rounding floor of float32, below a `tol`
@@ -529,7 +530,7 @@ def _forward(
     anchor, row, col, obj, ga, gb = _fresh(problem, geom, f0, g0)
     err = jnp.sum(jnp.abs(ga)) + jnp.sum(jnp.abs(gb))
     finite = jnp.isfinite(err) & jnp.isfinite(obj)
-    done, f0, g0 = jax.lax.cond(err <= tol, verify, lambda f, g: (jnp.asarray(False), f, g), f0, g0)
+    done, f0, g0 = jax.lax.cond(err <= stop, verify, lambda f, g: (jnp.asarray(False), f, g), f0, g0)
     s = _State(
         f0,
         g0,

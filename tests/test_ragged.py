@@ -110,9 +110,10 @@ def test_auto_batch_size():
 
 
 def test_partition_into_size_buckets():
-    """Buckets cover every problem once; the dynamic programme's cut is the best
-    contiguous one in ``n * m`` order (brute force); "auto" stops at the fewest buckets
-    within `AUTO_PADDING` of the real entries; equal sizes make one bucket."""
+    """Buckets cover every problem once; they pad no more than the best contiguous cut
+    in ``n * m`` order (brute force), and no single move of a problem to another
+    bucket pads less; "auto" stops at the fewest buckets within `AUTO_PADDING` of the
+    real entries; equal sizes make one bucket."""
     import itertools
 
     from otlab import ragged
@@ -134,16 +135,24 @@ def test_partition_into_size_buckets():
                 for r in range(min(buckets, count))
                 for cuts in itertools.combinations(range(1, count), r)
             )
-            assert padded(groups, n, m) == brute
+            assert padded(groups, n, m) <= brute
+            for s, t in itertools.permutations(range(len(groups)), 2):
+                for k in groups[s] if len(groups[s]) > 1 else ():
+                    moved = [[q for q in g if q != k] + ([k] if u == t else []) for u, g in enumerate(groups)]
+                    assert padded(moved, n, m) >= padded(groups, n, m)
         auto = ragged._partition(n, m, "auto", 1)
         real = sum(a * b for a, b in zip(n, m, strict=True))
         fewer = ragged._partition(n, m, len(auto) - 1, 1) if len(auto) > 1 else None
         assert padded(auto, n, m) <= ragged.AUTO_PADDING * real or len(auto) == min(count, ragged.AUTO_MAX_BUCKETS)
         assert fewer is None or padded(fewer, n, m) > ragged.AUTO_PADDING * real
-    assert ragged._partition((5, 5, 5), (7, 7, 7), "auto", 1) == [[0, 1, 2]]
-    assert ragged._partition((5, 5, 5), (7, 7, 7), 3, 1) == [[0, 1, 2]]  # no gain: one bucket
+    assert ragged._partition((5, 5, 5), (7, 7, 7), "auto", 1) == ((0, 1, 2),)
+    assert ragged._partition((5, 5, 5), (7, 7, 7), 3, 1) == ((0, 1, 2),)  # no gain: one bucket
     # rounding to `multiple` first: 5 and 7 both pad to 8, one bucket
-    assert ragged._partition((5, 7), (8, 8), "auto", 4) == [[0, 1]]
+    assert ragged._partition((5, 7), (8, 8), "auto", 4) == ((0, 1),)
+    # transposed shapes: the best cut in n * m order (160, 164, 164, 168) pairs 40 x 4
+    # with 4 x 41 (6724 padded entries); the moves group each kind (328 + 336)
+    groups = ragged._partition((40, 4, 41, 4), (4, 41, 4, 42), 2, 1)
+    assert sorted(map(sorted, groups)) == [[0, 2], [1, 3]]
 
 
 def test_bucketed_solution_access():

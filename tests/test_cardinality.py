@@ -200,6 +200,32 @@ def test_converged_means_a_feasible_k_sparse_plan(x64):
     assert seen == {True, False}  # both cases are exercised
 
 
+def test_ties_with_uniform_weights_end_success(x64):
+    """Regression (issue #13): at k = 2 the dual's optimum lies on ties, and with
+    uniform weights phase 2's problem on the fixed support is degenerate (entries of
+    zero flow sit at the kink of ``[s]_+``; the Hessian of the positive entries is
+    singular). Its Newton steps stalled at marginal errors ~1e-7 and its stall test
+    gave up on a feasible support while damped first steps raised the error: the
+    solver ended ``MAX_ITER`` (error 9e-2). Same shape as `test_dual_value_matches_pot`
+    (no new compilation)."""
+    n, k = N, 2
+    rng = np.random.default_rng(115)
+    x, y = rng.normal(size=(n, 2)), rng.normal(size=(n, 2)) + 1.0
+    c, a = ot.dist(x, y), np.full(n, 1.0 / n)
+    gamma = 0.1 * c.mean()
+    sol = otlab.cardinality_constrained(jnp.asarray(c), a, a, k=k, gamma=gamma, formulation="dual")
+    ref, _ = _pot(a, a, c, gamma, k)
+    assert int(sol.status) == otlab.Status.SUCCESS
+    plan = np.asarray(sol.plan())
+    assert (plan > 0).sum(0).max() <= k and plan.min() >= 0
+    err = _marginal_error(plan, a, a)
+    assert err <= 1e-10
+    np.testing.assert_allclose(float(sol.marginal_error), err, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(float(sol.dual_value), ref, rtol=1e-4)
+    # a feasible k-sparse plan: within its duality gap of the best one
+    assert 0 <= float(sol.duality_gap) <= 1e-3 * abs(ref)
+
+
 def test_too_sparse_is_infeasible(x64):
     # 5 columns with one entry each cannot cover 8 rows of positive weight
     c = jnp.asarray(np.random.default_rng(0).uniform(size=(8, 5)))

@@ -191,12 +191,13 @@ class Problem:
         phi = (jnp.sum(self.a * f) - jnp.sum(self.b * g)) / self.gamma
         return self.a - row - self.a * phi, self.b - col + self.b * phi
 
-    def _pattern(self, f: Array, g: Array):
+    def _pattern(self, f: Array, g: Array, kink: Array | float = 0.0):
         """``(idx, mask, da, db)``: the kept entries, the 0/1 pattern ``M`` of the
-        plan's nonzeros there, and the diagonal of the Hessian's block part with its
-        ridge (see `hessian_operator`)."""
+        plan's nonzeros there (with ``kink > 0``: of the scores ``> -kink``, the
+        entries at or just below the kink of ``[s]_+`` included), and the diagonal of
+        the Hessian's block part with its ridge (see `hessian_operator`)."""
         idx = jax.lax.stop_gradient(self.topk(f, g))
-        mask = (self.scores(f, g, idx) > 0).astype(f.dtype)
+        mask = (self.scores(f, g, idx) > -kink).astype(f.dtype)
         inv = 1.0 / self.gamma
         n_row, n_col = self._sums(idx, mask)
         rel = 1e-12 if f.dtype == jnp.float64 else 1e-6
@@ -477,7 +478,8 @@ def _reducible(geom) -> bool:
 
 
 def _newton_direction(
-    p: Problem, f: Array, g: Array, maxiter: int | None = None, reduced: bool = True
+    p: Problem, f: Array, g: Array, maxiter: int | None = None, reduced: bool = True,
+    kink: Array | float = 0.0,
 ):
     """``A^{-1} F`` by preconditioned conjugate gradient on the sparse Hessian, at most
     ``maxiter`` iterations, default ``2 (n + m)`` (``n + m`` on the Schur complement;
@@ -492,7 +494,7 @@ def _newton_direction(
         # an iteration on the Schur complement does the work of two on the pair:
         # ``n + m`` of them match the pair's ``2 (n + m)`` (the cap is reached where
         # no plan on the support meets the marginals: a singular, inconsistent system)
-        idx, mask, da, db = p._pattern(f, g)
+        idx, mask, da, db = p._pattern(f, g, kink)
         maxiter = sum(p.geom.shape) if maxiter is None else maxiter
         return _schur_cg(p, idx, mask, da, db, rhs, tol=tol, maxiter=maxiter)
     maxiter = 2 * sum(p.geom.shape) if maxiter is None else maxiter
@@ -956,7 +958,12 @@ def _phase1(problem: Problem, init, *, method, formulation, tol, max_iter, memor
     return f, g, status, it
 
 
-def _refine(problem: Problem, init, *, tol, max_steps):
+# phase 2's Newton matrix counts the entries with a score above ``-_KINK * gamma *
+# mean weight`` (see `_refine`)
+_KINK = 1e-4
+
+
+def _refine(problem: Problem, init, *, tol, max_steps, patience=10):
     """The forward pass that `otlab.implicit` differentiates: Newton ascent, with a
     monotone backtracking step, on the dual restricted to ``problem.support``
     (quadratically regularised OT on a fixed ``k``-sparse support: smooth, concave),
@@ -967,20 +974,42 @@ def _refine(problem: Problem, init, *, tol, max_steps):
     At a tie (the top-``k`` sets of the optimum are ambiguous) the plan read from the
     dual misses the marginals; on the fixed support its marginals are met whenever
     some plan with that support meets them, at the lowest cost on that support.
+
+    The restricted problem is often degenerate (uniform weights: many supports carry
+    zero flow on some entries, whose scores sit at the kink of ``[s]_+``): the
+    Hessian of the positive entries alone is then singular, each of its components
+    missing mass moves only along its gauge direction, by ``residual / ridge``, and
+    the steps stalled at marginal errors of ~1e-7. The Newton matrix therefore counts
+    the entries with a score above ``-1e-4 gamma * mean weight`` (an element of the
+    generalised Jacobian at the kink; entries that would carry at most 1e-4 of a
+    point's mass), the step is still checked on the dual itself. The run stops at
+    ``tol``, after ``max_steps``, when ``patience`` steps in a row do not lower the
+    lowest marginal error (damped first steps may raise it while the dual climbs: at
+    n = 1000, k = 2, eight of them before the step that meets the marginals), or when
+    the dual exceeds what any plan on the support that meets the marginals costs
+    (``max C * mass + (gamma / 2) mass^2``: weak duality; the dual of an infeasible
+    support is unbounded and passes that bound within a few steps).
     """
     p, transposed = _loop_problem(problem)
     f0, g0 = init
     if transposed:
         f0, g0 = g0, f0
     gtol = tol * jnp.sum(problem.a)
+    kink = _KINK * p.gamma * jnp.sum(p.a) / sum(p.geom.shape)
+
+    # weak duality: a plan on the support that meets the marginals costs at most
+    # ``max C * mass + (gamma / 2) mass^2``; a restricted dual above that has no such
+    # plan (the dual of an infeasible support is unbounded)
+    mass = jnp.sum(p.a)
+    bound = jnp.max(p.line_costs(p.support)) * mass + 0.5 * p.gamma * mass * mass
 
     def cond(c):
-        it, f, g, val, err, slow = c
-        return (err > gtol) & (it < max_steps) & (slow < 3)
+        it, f, g, val, err, best, slow = c
+        return (err > gtol) & (it < max_steps) & (slow < patience) & (val <= bound)
 
     def body(c):
-        it, f, g, val, err, slow = c
-        df, dg = _newton_direction(p, f, g)
+        it, f, g, val, err, best, slow = c
+        df, dg = _newton_direction(p, f, g, kink=kink)
 
         # the dual's rounding: a step within it that lowers the marginal error counts
         # as an ascent (near the optimum the increase is below the dual's resolution)
@@ -1001,13 +1030,15 @@ def _refine(problem: Problem, init, *, tol, max_steps):
         # (gauged: the reduced solve's step may move along (1, -1))
         f2, g2 = p.gauge(jnp.where(ok, f + t * df, f), jnp.where(ok, g + t * dg, g))
         err2 = _error(p, f2, g2)
-        # an unbounded restricted dual (no plan on this support meets the marginals)
-        # shows as the dual growing while the marginal error stays put
-        slow = jnp.where(ok & (err2 < 0.5 * err), 0, slow + 1)
-        return it + 1, f2, g2, p.dual(f2, g2), err2, slow
+        # stalled: no step lowers the lowest marginal error for ``patience`` steps
+        # (damped first steps may raise the error while the dual climbs)
+        better = ok & (err2 < best)
+        return (it + 1, f2, g2, p.dual(f2, g2), err2, jnp.where(better, err2, best),
+                jnp.where(better, 0, slow + 1))
 
-    _, f, g, _, err, _ = jax.lax.while_loop(
-        cond, body, (jnp.asarray(0), f0, g0, p.dual(f0, g0), _error(p, f0, g0), jnp.asarray(0))
+    err0 = _error(p, f0, g0)
+    _, f, g, _, err, _, _ = jax.lax.while_loop(
+        cond, body, (jnp.asarray(0), f0, g0, p.dual(f0, g0), err0, err0, jnp.asarray(0))
     )
     # only a plan that meets the marginals replaces the dual's (the restricted
     # potentials of an infeasible support run off to infinity)

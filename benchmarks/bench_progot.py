@@ -32,6 +32,7 @@ Usage::
     python -m benchmarks.bench_progot --accuracy SEED  # the accuracy table alone
     python -m benchmarks.bench_progot --timing N REPS [--ott-cold | --no-ott]  # timing alone
     python -m benchmarks.bench_progot --resample SEED D DRAWS  # one Gaussian row, fresh samples
+    python -m benchmarks.bench_progot --bias-variance SEED D DRAWS  # its bias and variance
 """
 
 from __future__ import annotations
@@ -238,6 +239,39 @@ def resampled(seed: int, d: int, draws: int, steps=ACCURACY_STEPS, n: int = 1000
     return common.table(head, rows)
 
 
+@jax.jit
+def _one_shot_map(x, y, z):
+    """The one-shot entropic map of ``z`` at ``eps0`` (``max_iter`` 20000)."""
+    eps0 = 0.05 * otlab.PointCloud(x, y).mean_cost()
+    return otlab.sinkhorn(otlab.PointCloud(x, y), epsilon=eps0, max_iter=20000).transport(z)
+
+
+def bias_variance(seed: int, d: int, draws: int, steps=ACCURACY_STEPS, n: int = 1000) -> str:
+    """Squared bias and variance over ``draws`` fresh samples (`gaussian`'s ``draw``) of
+    the seed-``seed`` Gaussian pair, on one fixed set of 2000 test points: the one-shot
+    map at ``eps0`` and ProgOT (auto) for each ``K`` of ``steps``."""
+    _, _, z, tz = gaussian(seed, n, d, draw=draws)  # test points: a draw not among the fits
+    maps: dict[str, list] = {"one-shot eps0": [], **{f"progot K={k}": [] for k in steps}}
+    for draw in range(draws):
+        x, y, _, _ = gaussian(seed, n, d, draw=draw)
+        maps["one-shot eps0"].append(np.asarray(_one_shot_map(x, y, z)))
+        for k in steps:
+            maps[f"progot K={k}"].append(np.asarray(_progot_map(x, y, z, k)[0]))
+    ref = np.array([_mse(t, tz) for t in maps["one-shot eps0"]])
+    rows, mse_ref = [], None
+    for name, ts in maps.items():
+        ts = np.stack(ts)
+        mean = ts.mean(axis=0)
+        bias2, var = _mse(mean, tz), float(np.mean(np.sum((ts - mean) ** 2, axis=-1)))
+        mse_ref = bias2 + var if mse_ref is None else mse_ref  # the one-shot map's, first
+        per = np.array([_mse(t, tz) for t in ts]) / ref
+        rows.append([name, common.fmt(bias2), common.fmt(var), common.fmt(bias2 + var),
+                     f"{(bias2 + var) / mse_ref:.2f}", f"{per.min():.2f}–{per.max():.2f}"])  # fmt: skip
+    head = ["map", "squared bias", "variance", "MSE (bias + variance)", "/ one-shot eps0",
+            "per-draw / one-shot eps0"]  # fmt: skip
+    return common.table(head, rows)
+
+
 # -------------------------------------------------------------------------- timing
 
 
@@ -360,6 +394,9 @@ if __name__ == "__main__":
     elif "--resample" in sys.argv:  # --resample SEED D DRAWS: one Gaussian row, resampled
         seed, d, draws = (int(v) for v in sys.argv[sys.argv.index("--resample") + 1:][:3])
         print(common.machine() + "\n\n" + resampled(seed, d, draws))
+    elif "--bias-variance" in sys.argv:  # --bias-variance SEED D DRAWS: over redrawn samples
+        seed, d, draws = (int(v) for v in sys.argv[sys.argv.index("--bias-variance") + 1:][:3])
+        print(common.machine() + "\n\n" + bias_variance(seed, d, draws))
     elif "--timing" in sys.argv:  # --timing N REPS: the timing table alone
         n, reps = (int(v) for v in sys.argv[sys.argv.index("--timing") + 1:][:2])
         cold, ott = "--ott-cold" in sys.argv, "--no-ott" not in sys.argv

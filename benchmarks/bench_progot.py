@@ -31,6 +31,8 @@ Usage::
     python -m benchmarks.bench_progot [--quick]
     python -m benchmarks.bench_progot --accuracy SEED  # the accuracy table alone
     python -m benchmarks.bench_progot --timing N REPS [--ott-cold | --no-ott]  # timing alone
+    python -m benchmarks.bench_progot --resample SEED D DRAWS  # one Gaussian row, fresh samples
+    python -m benchmarks.bench_progot --bias-variance SEED D DRAWS  # its bias and variance
 """
 
 from __future__ import annotations
@@ -65,11 +67,17 @@ def _spd(rng, d, lo=0.25, hi=4.0):
     return (q * lam) @ q.T
 
 
-def gaussian(seed: int, n: int, d: int, n_test: int = 2000):
-    """``(x, y, z, T(z))``: Gaussian pair, independent samples, Brenier map."""
+def gaussian(seed: int, n: int, d: int, n_test: int = 2000, draw: int | None = None):
+    """``(x, y, z, T(z))``: Gaussian pair, independent samples, Brenier map.
+
+    ``draw``: the same pair of Gaussians (covariances and mean from ``seed``) with fresh
+    samples ``x, y, z`` from ``default_rng([seed, draw])``; ``None``: the benchmark's own
+    samples (the generator of the covariances, continued)."""
     rng = np.random.default_rng(seed)
     sx, sy = _spd(rng, d), _spd(rng, d)
     mu = rng.standard_normal(d)
+    if draw is not None:
+        rng = np.random.default_rng([seed, draw])
     rx = np.real(scipy.linalg.sqrtm(sx))
     rix = np.linalg.inv(rx)
     amap = rix @ np.real(scipy.linalg.sqrtm(rx @ sy @ rx)) @ rix
@@ -207,6 +215,63 @@ def accuracy(cases, steps=(8, 4), ott_steps: int = 8, seed: int = 0) -> str:
     return common.table(head, rows)
 
 
+def resampled(seed: int, d: int, draws: int, steps=ACCURACY_STEPS, n: int = 1000) -> str:
+    """ProgOT (auto) over the one-shot map at ``eps0`` and at the best ``s`` on fresh
+    samples of the seed-``seed`` Gaussian pair in ``d`` dimensions: the benchmark's own
+    draw, then ``draws`` more (`gaussian`'s ``draw``). How much a row's ratio moves with
+    the sample alone."""
+    grid = jnp.asarray(ONE_SHOT_SCALES, jnp.float32)
+    rows, ratios = [], []
+    for draw in [None, *range(draws)]:
+        x, y, z, tz = gaussian(seed, n, d, draw=draw)
+        oneshot, _ = _one_shot_maps(x, y, z, grid)
+        errs = np.array([_mse(t, tz) for t in oneshot])
+        ref, best = errs[ONE_SHOT_SCALES.index(1.0)], errs.min()
+        e = np.array([_mse(_progot_map(x, y, z, k)[0], tz) for k in steps])
+        ratios.append(e / ref)
+        rows.append(["benchmark" if draw is None else draw, ONE_SHOT_SCALES[int(np.argmin(errs))],
+                     *(f"{v / best:.2f}, {v / ref:.2f}" for v in e)])  # fmt: skip
+        print(rows[-1], file=sys.stderr, flush=True)
+    r = np.array(ratios)
+    rows.append(["median / eps0", "", *(f"{np.median(c):.2f}" for c in r.T)])
+    rows.append(["draws with / eps0 > 1", "", *(f"{int(np.sum(c > 1))} / {len(c)}" for c in r.T)])
+    head = ["draw", "one-shot best s", *(f"K={k} (/ best, / eps0)" for k in steps)]
+    return common.table(head, rows)
+
+
+@jax.jit
+def _one_shot_map(x, y, z):
+    """The one-shot entropic map of ``z`` at ``eps0`` (``max_iter`` 20000)."""
+    eps0 = 0.05 * otlab.PointCloud(x, y).mean_cost()
+    return otlab.sinkhorn(otlab.PointCloud(x, y), epsilon=eps0, max_iter=20000).transport(z)
+
+
+def bias_variance(seed: int, d: int, draws: int, steps=ACCURACY_STEPS, n: int = 1000) -> str:
+    """Squared bias and variance over ``draws`` fresh samples (`gaussian`'s ``draw``) of
+    the seed-``seed`` Gaussian pair, on one fixed set of 2000 test points: the one-shot
+    map at ``eps0`` and ProgOT (auto) for each ``K`` of ``steps``."""
+    _, _, z, tz = gaussian(seed, n, d, draw=draws)  # test points: a draw not among the fits
+    maps: dict[str, list] = {"one-shot eps0": [], **{f"progot K={k}": [] for k in steps}}
+    for draw in range(draws):
+        x, y, _, _ = gaussian(seed, n, d, draw=draw)
+        maps["one-shot eps0"].append(np.asarray(_one_shot_map(x, y, z)))
+        for k in steps:
+            maps[f"progot K={k}"].append(np.asarray(_progot_map(x, y, z, k)[0]))
+    ref = np.array([_mse(t, tz) for t in maps["one-shot eps0"]])
+    rows, mse_ref = [], None
+    for name, ts in maps.items():
+        ts = np.stack(ts)
+        mean = ts.mean(axis=0)
+        bias2, var = _mse(mean, tz), float(np.mean(np.sum((ts - mean) ** 2, axis=-1)))
+        mse_ref = bias2 + var if mse_ref is None else mse_ref  # the one-shot map's, first
+        per = np.array([_mse(t, tz) for t in ts]) / ref
+        rows.append([name, common.fmt(bias2), common.fmt(var), common.fmt(bias2 + var),
+                     f"{(bias2 + var) / mse_ref:.2f}", f"{per.min():.2f}–{per.max():.2f}"])  # fmt: skip
+    head = ["map", "squared bias", "variance", "MSE (bias + variance)", "/ one-shot eps0",
+            "per-draw / one-shot eps0"]  # fmt: skip
+    return common.table(head, rows)
+
+
 # -------------------------------------------------------------------------- timing
 
 
@@ -326,6 +391,12 @@ if __name__ == "__main__":
             ("convex", nongaussian, d, 1000) for d in (2, 8)
         ]
         print(common.machine() + "\n\n" + accuracy(cases, steps=ACCURACY_STEPS, seed=seed))
+    elif "--resample" in sys.argv:  # --resample SEED D DRAWS: one Gaussian row, resampled
+        seed, d, draws = (int(v) for v in sys.argv[sys.argv.index("--resample") + 1:][:3])
+        print(common.machine() + "\n\n" + resampled(seed, d, draws))
+    elif "--bias-variance" in sys.argv:  # --bias-variance SEED D DRAWS: over redrawn samples
+        seed, d, draws = (int(v) for v in sys.argv[sys.argv.index("--bias-variance") + 1:][:3])
+        print(common.machine() + "\n\n" + bias_variance(seed, d, draws))
     elif "--timing" in sys.argv:  # --timing N REPS: the timing table alone
         n, reps = (int(v) for v in sys.argv[sys.argv.index("--timing") + 1:][:2])
         cold, ott = "--ott-cold" in sys.argv, "--no-ott" not in sys.argv

@@ -4,37 +4,17 @@ command cannot break unnoticed."""
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
-import types
 
 import numpy as np
 import pytest
 
 from otlab import cli
 
-# The demo runs in a child process: it then compiles with the faster flags that
-# conftest gives children (CHILD_XLA_FLAGS; about half the compile time of this
-# process, and the demo is almost all compilation at this size), and a broken import
-# or a crash in it cannot take the test process with it.
-_DEMO = """
-import json, sys
-from otlab import cli
-rows = cli.demo(out=sys.argv[1], n=60, use_ott=False, quick=True)
-keep = ("problem", "solver", "reg_cost", "marginal_error", "status")
-print("ROWS " + json.dumps([{k: getattr(r, k) for k in keep} for r in rows]))
-"""
 
-
-def test_demo_small(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-c", _DEMO, str(tmp_path)], capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
-    rows = [types.SimpleNamespace(**r) for r in json.loads(out.split("ROWS ", 1)[1])]
+def test_demo_small(tmp_path, capsys):
+    rows = cli.demo(out=str(tmp_path), n=60, use_ott=False, quick=True)
+    out = capsys.readouterr().out
     progot = [r for r in rows if r.solver == cli.PROGOT_LABEL]  # balanced problems only
     assert len(progot) == 2 and all(r.status == "SUCCESS" for r in progot)
     assert all(r.marginal_error <= 1e-4 and r.reg_cost > 0 for r in progot)

@@ -236,13 +236,9 @@ def test_kernel_engine_keeps_iterating_after_a_false_convergence():
 # ------------------------------------------------------ far from the origin
 
 
-@pytest.mark.parametrize(
-    "cost, block_size", [("sqeuclidean", None), ("sqeuclidean", 16), ("mahalanobis", None),
-                         ("euclidean", None)]
-)
-def test_translation_invariant_costs_far_from_the_origin(cost, block_size):
+def _far_from_the_origin(cost, block_size):
     """float32 clouds offset by 1e4: the cost, the solution and its gradient are those of
-    the same (rounded) points moved back to the origin, dense and online."""
+    the same (rounded) points moved back to the origin."""
     with jax.enable_x64(False):
         rng = np.random.default_rng(5)
         x = rng.normal(size=(40, 2))
@@ -266,6 +262,30 @@ def test_translation_invariant_costs_far_from_the_origin(cost, block_size):
         c_far = otlab.PointCloud(xo, yo, cost_fn, block_size).cost_matrix
         c_exact = otlab.PointCloud(x0, y0, cost_fn).cost_matrix
         np.testing.assert_allclose(c_far, c_exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cost, block_size", [("sqeuclidean", None), ("sqeuclidean", 16), ("mahalanobis", None),
+                         ("euclidean", None)]
+)
+def test_translation_invariant_costs_far_from_the_origin(cost, block_size):
+    """Dense and online. The online (factored) case runs in a child process under XLA's
+    default flags, the users' configuration: the suite's compile-time flags together
+    (LLVM -O0 and the legacy fusion emitters, `tests/conftest.py`) leave a 1e-2 error
+    floor in it, which neither flag alone nor the defaults show."""
+    if block_size is None:
+        return _far_from_the_origin(cost, block_size)
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import test_reliability as t; "
+        f"t._far_from_the_origin({cost!r}, {block_size!r})"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # ------------------------------------------------------- sinkhorn_divergence

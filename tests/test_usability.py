@@ -40,20 +40,18 @@ def _ott_sorting_problem(dtype, n=50, block_size=None):
     )
 
 
-def test_sorting_start_at_a_mass_tie_does_not_slow_sinkhorn(dtype):
+def test_sorting_start_at_a_mass_tie_does_not_slow_sinkhorn(x64):
     # Equal cumulative masses split the 1-D problem into blocks; the start must not be
     # an extreme dual across the gap (it was: MAX_ITER in float32, 3x in float64).
-    # float32: dense, auto; float64: online, sorting.
-    f32 = dtype == jnp.float32
-    geom = _ott_sorting_problem(dtype, block_size=None if f32 else 16)
+    # float64 here (online, sorting); float32 (dense, auto) in the child process below.
+    geom = _ott_sorting_problem(x64, block_size=16)
     opts = dict(epsilon=1e-2, max_iter=3000)
     zeros = otlab.sinkhorn(geom, **opts)
     assert bool(zeros.converged)
-    for init in ("auto",) if f32 else (inits.sorting,):
-        sol = otlab.sinkhorn(geom, init=init, **opts)
-        assert bool(sol.converged), init
-        assert int(sol.n_iter) <= int(zeros.n_iter), (init, int(sol.n_iter), int(zeros.n_iter))
-        np.testing.assert_allclose(sol.reg_cost, zeros.reg_cost, rtol=1e-4)
+    sol = otlab.sinkhorn(geom, init=inits.sorting, **opts)
+    assert bool(sol.converged)
+    assert int(sol.n_iter) <= int(zeros.n_iter), (int(sol.n_iter), int(zeros.n_iter))
+    np.testing.assert_allclose(sol.reg_cost, zeros.reg_cost, rtol=1e-4)
 
 
 _DEFAULT_FLAGS_CHECK = """
@@ -62,18 +60,24 @@ kx, ky = jax.random.split(jax.random.key(0))
 x = jnp.concatenate([jnp.array([-1.0, 0.0, 0.22]), 10 + jnp.abs(jax.random.normal(kx, (50,)))])
 y = jnp.concatenate([jnp.array([0.0, 0.0, 1.1]), 10 + jnp.abs(jax.random.normal(ky, (50,)))])
 geom = otlab.PointCloud(jnp.sort(x)[:, None], jnp.sort(y)[:, None])
-sol = otlab.sinkhorn(geom, epsilon=1e-2, max_iter=3000)
-print(otlab.Status.name(sol.status), int(sol.n_iter), float(sol.marginal_error))
+for init in (None, "auto"):
+    sol = otlab.sinkhorn(geom, epsilon=1e-2, max_iter=3000, init=init)
+    print(otlab.Status.name(sol.status), int(sol.n_iter), float(sol.marginal_error), float(sol.reg_cost))
 """
 
 
-def test_a_verified_loop_returns_success_under_default_xla_flags():
-    """The users' configuration (XLA's default flags, not the suite's ``-O0``), float32:
-    the zeros start of the mass-tie problem above. Sinkhorn's in-loop check and
-    `otlab.solution.build`'s are the same formula compiled in different fusion contexts;
-    here they differ by 1.6 % of ``tol``, and a loop that stopped at 0.99 ``tol`` came
-    back MAX_ITER (1.016 ``tol``) after 1440 of 3000 iterations. The loop now stops
-    below `otlab.solution.STOP_FRACTION` ``* tol``."""
+def test_float32_mass_tie_under_default_xla_flags():
+    """The problem above in float32 (dense; zeros and ``init="auto"``), in a child
+    process under XLA's default flags, the users' configuration. Its float32 error floor
+    is near ``tol`` (costs up to 100 at eps = 1e-2), so rounding decides, and it depends
+    on how XLA compiles: under the suite's -O0 with legacy emitters (`tests/conftest.py`)
+    the returned error reads 10-30 % above the loop's own check of it.
+
+    Also a regression test: Sinkhorn's in-loop check and `otlab.solution.build`'s are
+    the same formula compiled in different fusion contexts; here they differ by 1.6 % of
+    ``tol``, and a loop that stopped at 0.99 ``tol`` came back MAX_ITER (1.016 ``tol``)
+    after 1440 of 3000 iterations. The loop now stops below
+    `otlab.solution.STOP_FRACTION` ``* tol``."""
     import os
     import subprocess
     import sys
@@ -83,8 +87,10 @@ def test_a_verified_loop_returns_success_under_default_xla_flags():
         [sys.executable, "-c", _DEFAULT_FLAGS_CHECK], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    status, n_iter, err = proc.stdout.split()
-    assert status == "SUCCESS" and float(err) <= 1e-4 and int(n_iter) < 3000, proc.stdout
+    (s0, it0, err0, c0), (s1, it1, err1, c1) = (line.split() for line in proc.stdout.splitlines())
+    assert s0 == s1 == "SUCCESS" and max(float(err0), float(err1)) <= 1e-4, proc.stdout
+    assert int(it1) <= int(it0) < 3000, proc.stdout  # the start does not slow it
+    np.testing.assert_allclose(float(c1), float(c0), rtol=1e-4)
 
 
 @pytest.mark.parametrize("n,m", [(12, 12), (8, 20)])

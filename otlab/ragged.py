@@ -312,7 +312,7 @@ def _auto_batch_size(batch: PaddedBatch) -> int | None:
 AUTO_MAX_BUCKETS = 8
 #: ``buckets="auto"``: the fewest buckets whose padded entries are within this factor of
 #: the real problems' (up to `AUTO_MAX_BUCKETS`).
-AUTO_PADDING = 1.5
+AUTO_PADDING = 1.3
 
 
 def _sub_batch(batch: PaddedBatch, idx: Sequence[int], multiple: int) -> PaddedBatch:
@@ -490,10 +490,10 @@ def solve_ragged(
             groups, chosen to minimise the padded entries (``1``, the default:
             everything padded to the largest problem, one compilation). ``"auto"``:
             the fewest groups (at most `AUTO_MAX_BUCKETS`, 8) whose padded entries are
-            within `AUTO_PADDING` (1.5x) of the real ones: for repeated solves of the
-            same sizes (32 problems of 50 to 500 points: 5 groups, 1.5x faster warm
-            than one group and 1.2x faster than a loop of solves, but 12x the compile
-            time of one group; `benchmarks/bench_scale.py`).
+            within `AUTO_PADDING` (1.3x) of the real ones: for repeated solves of the
+            same sizes (32 problems of 50 to 500 points: 8 groups, 1.5x faster warm
+            than one group and 1.05-1.15x faster than a loop of solves, but 12x the
+            compile time of one group; `benchmarks/bench_scale.py`).
             Ignored for a `PaddedBatch`.
         **solver_kwargs: static options and scalars passed to every solve (``tol``,
             ``max_iter``, ``tau_a``, ...).

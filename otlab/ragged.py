@@ -196,7 +196,8 @@ def _pad_batch(xs, ys, a=None, b=None, *, n_max=None, m_max=None, multiple=1, ho
     if not jnp.issubdtype(dtype, jnp.floating):
         dtype = jnp.result_type(float)
     host = host and _concrete((x, y))
-    x, y = (np.asarray if host else jnp.asarray)(x, dtype), (np.asarray if host else jnp.asarray)(y, dtype)
+    to_array = np.asarray if host else jnp.asarray
+    x, y = to_array(x, dtype), to_array(y, dtype)
     return PaddedBatch(
         x, y, _pad_weights(a, n, x.shape[1], "a", dtype, host), _pad_weights(b, m, y.shape[1], "b", dtype, host),
         n, m,
@@ -384,8 +385,13 @@ def _partition(n: tuple[int, ...], m: tuple[int, ...], buckets: int | str, multi
     return tuple(map(tuple, options[chosen]))
 
 
-def _padded_entries(groups: list[list[int]], n: Sequence[int], m: Sequence[int]) -> int:
-    return sum(len(g) * max(n[k] for k in g) * max(m[k] for k in g) for g in groups if g)
+def _bucket_entries(g: Sequence[int], n: Sequence[int], m: Sequence[int]) -> int:
+    """Padded entries of problems ``g`` as one bucket (0 for none)."""
+    return len(g) * max(n[k] for k in g) * max(m[k] for k in g) if g else 0
+
+
+def _padded_entries(groups: Sequence[Sequence[int]], n: Sequence[int], m: Sequence[int]) -> int:
+    return sum(_bucket_entries(g, n, m) for g in groups)
 
 
 def _improve(groups: list[list[int]], n: Sequence[int], m: Sequence[int]) -> list[list[int]]:
@@ -395,7 +401,7 @@ def _improve(groups: list[list[int]], n: Sequence[int], m: Sequence[int]) -> lis
     groups = [list(g) for g in groups]
 
     def cost(g):
-        return len(g) * max(n[k] for k in g) * max(m[k] for k in g) if g else 0
+        return _bucket_entries(g, n, m)
 
     moved = len(groups) > 1
     while moved:
@@ -413,6 +419,11 @@ def _improve(groups: list[list[int]], n: Sequence[int], m: Sequence[int]) -> lis
                     groups[s], moved = rest, True
                     groups[to].append(k)
     return sorted((sorted(g) for g in groups), key=lambda g: (max(n[k] * m[k] for k in g), g))
+
+
+def _is_count(v) -> bool:
+    """An integer >= 1 (NumPy integers too; not a bool)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
 
 
 #: solver options that the solvers trace (a new value does not recompile)
@@ -517,9 +528,7 @@ def solve_ragged(
         >>> res.converged.tolist(), res.reg_cost.shape
         ([True, True, True], (3,))
     """
-    if buckets != "auto" and not (
-        isinstance(buckets, (int, np.integer)) and not isinstance(buckets, bool) and buckets >= 1
-    ):
+    if buckets != "auto" and not _is_count(buckets):
         raise ValueError(f"`buckets` must be 'auto' or an integer >= 1; got {buckets!r}.")
     if isinstance(xs, PaddedBatch):
         if ys is not None or a is not None or b is not None:
@@ -538,9 +547,7 @@ def solve_ragged(
             groups = [list(range(len(batch)))]
     if not callable(solver):
         raise ValueError(f"`solver` must be an otlab solver function; got {solver!r}.")
-    if batch_size != "auto" and batch_size is not None and not (
-        isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool) and batch_size >= 1
-    ):
+    if batch_size != "auto" and batch_size is not None and not _is_count(batch_size):
         raise ValueError(f"`batch_size` must be None, 'auto' or an integer >= 1; got {batch_size!r}.")
     nb = len(batch)
     eps = None if epsilon is None else jnp.broadcast_to(jnp.asarray(epsilon, batch.x.dtype), (nb,))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -26,10 +28,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # under XLA's default flags (`tests/test_reliability.py`). Export XLA_FLAGS to
 # override. (Subprocesses that measure performance or memory must drop these flags.)
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-# Child processes (notebook kernels, the demo, the multi-device, multi-process and
-# memory subprocesses) inherit the same flags (XLA reads XLA_FLAGS once per process,
-# when its backend starts).
-CHILD_XLA_FLAGS = TEST_XLA_FLAGS
+# Child processes (notebook kernels, the multi-device, multi-process subprocesses)
+# inherit the same flags (XLA reads XLA_FLAGS once per process, when its backend
+# starts); `run_as_users` runs one without them.
 # (unset, or inherited from the pytest-xdist controller: this process sets its own)
 _DEFAULT_FLAGS = os.environ.get("XLA_FLAGS", TEST_XLA_FLAGS) == TEST_XLA_FLAGS
 if _DEFAULT_FLAGS:
@@ -43,6 +44,20 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
+
+
+def run_as_users(code: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -c code *args`` in a child process as users run the library: without
+    the suite's compile flags (`TEST_XLA_FLAGS`; flags exported by the caller are
+    kept). For measurements, and for float32 checks at the rounding floor, where those
+    flags change the numerics."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if env.get("XLA_FLAGS") == TEST_XLA_FLAGS:
+        del env["XLA_FLAGS"]
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
 
 settings.register_profile("otlab", max_examples=15, deadline=None, derandomize=True)
 settings.load_profile("otlab")

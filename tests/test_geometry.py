@@ -4,9 +4,6 @@ and the memory bound of online point clouds."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,7 +13,7 @@ import ott.geometry.geometry as ott_geometry
 import ott.geometry.pointcloud as ott_pointcloud
 import problems
 import pytest
-from conftest import CHILD_XLA_FLAGS, TEST_XLA_FLAGS
+from conftest import run_as_users
 from ott.geometry import costs as ott_costs
 from scipy.special import logsumexp
 
@@ -317,12 +314,7 @@ _RSS_LIMIT_MB = 700.0  # the dense matrix alone would be ~1030 MB
 
 @pytest.fixture(scope="module")
 def memory_run():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    if env.get("XLA_FLAGS") in (TEST_XLA_FLAGS, CHILD_XLA_FLAGS):  # set by conftest
-        del env["XLA_FLAGS"]  # measure the library as users run it
-    proc = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=600, env=env
-    )
+    proc = run_as_users(_MEMORY_SCRIPT)  # measure the library as users run it
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"memory script failed:\n{proc.stderr[-3000:]}"
     return lines[-1]

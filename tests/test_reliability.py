@@ -275,16 +275,13 @@ def test_translation_invariant_costs_far_from_the_origin(cost, block_size):
     floor in it, which neither flag alone nor the defaults show."""
     if block_size is None:
         return _far_from_the_origin(cost, block_size)
-    import os
-    import subprocess
-    import sys
+    from conftest import run_as_users
 
     code = (
         "import sys; sys.path.insert(0, 'tests'); import test_reliability as t; "
         f"t._far_from_the_origin({cost!r}, {block_size!r})"
     )
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    proc = run_as_users(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

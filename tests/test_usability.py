@@ -78,14 +78,9 @@ def test_float32_mass_tie_under_default_xla_flags():
     ``tol``, and a loop that stopped at 0.99 ``tol`` came back MAX_ITER (1.016 ``tol``)
     after 1440 of 3000 iterations. The loop now stops below
     `otlab.solution.STOP_FRACTION` ``* tol``."""
-    import os
-    import subprocess
-    import sys
+    from conftest import run_as_users
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _DEFAULT_FLAGS_CHECK], env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = run_as_users(_DEFAULT_FLAGS_CHECK)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (s0, it0, err0, c0), (s1, it1, err1, c1) = (line.split() for line in proc.stdout.splitlines())
     assert s0 == s1 == "SUCCESS" and max(float(err0), float(err1)) <= 1e-4, proc.stdout

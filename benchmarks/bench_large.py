@@ -1,4 +1,4 @@
-"""Large n: n = m = 1e5 (quick: 1e4), d = 3, float32, online (`block_size="auto"`: 16 rows at 1e5),
+"""Large n: n = m = 1e5 (quick: 1e4), d = 3, float32, online (`block_size="auto"`: 512 rows at 1e5),
 epsilon = 1e-2 x the mean cost, tol 1e-3, from a multiscale start
 (`otlab.initializers.Multiscale`): wall time (compilation included, and the solve
 alone), fine-level iterations and passes over the ``n m`` entries, peak memory of the
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import otlab
 from otlab.initializers import Multiscale
 
-BLOCK = "auto"  # otlab.geometry.auto_block_size: 16 rows at n = 1e5 (8 MB of logits)
+BLOCK = "auto"  # otlab.geometry.auto_block_size: 512 rows at n = 1e5 (200 MB of logits)
 
 
 def _clouds(n: int):

@@ -131,11 +131,13 @@ def test_online_sinkhorn_and_gradients_equal_dense(x64):
 def test_auto_block_size():
     from otlab.geometry import auto_block_size
 
-    assert auto_block_size(4096, 4096) == 512  # 8 MB of float32 logits per block
-    assert auto_block_size(4096, 4096, jnp.float64) == 256
-    assert auto_block_size(10**6, 10) == 16  # at least 16 rows
+    assert auto_block_size(4096, 4096) == 2048  # at most AUTO_MAX_ROWS
+    assert auto_block_size(10**5, 10**5) == 512  # 256 MB of float32 logits per block
+    assert auto_block_size(10**5, 10**5, jnp.float64) == 256
+    assert auto_block_size(10**8, 10) == 16  # at least 16 rows
     assert auto_block_size(100, 80) == 128  # no more than the clouds (to a power of two)
     assert auto_block_size(50, 50, budget=1 << 40) == 64
+    assert auto_block_size(4096, 4096, budget=8 << 20) == 512
     with pytest.raises(ValueError, match="budget"):
         auto_block_size(10, 10, budget=0)
     x, y = _clouds()

@@ -207,6 +207,16 @@ AUTO_BLOCK_BYTES = 256 << 20
 #: The most rows (or columns) per block that `auto_block_size` picks (see above).
 AUTO_MAX_ROWS = 2048
 
+#: Bytes of one block for the online passes other than the fused log-sum-exp: the
+#: plan's products, top-k selections, counts, the primal terms and the passes of costs
+#: without a factored form write blocks out (a cost block, logits, selections) or, for
+#: products, slow down 3-4x past about 30 MB per block. They run on sub-blocks of at
+#: most this many bytes (`PointCloud._pass_rows`), whatever the geometry's
+#: ``block_size``: measured at n = m = 4096 (float32, d = 3), top-k, `row_sparsify`,
+#: primal terms and counts took 1.2-2.3x longer with 2048 rows than with 512, and
+#: ``P v`` ran at 0.7 against 2.8 G entries/s.
+PASS_BLOCK_BYTES = 8 << 20
+
 
 def auto_block_size(n: int, m: int, dtype=jnp.float32, budget: int = AUTO_BLOCK_BYTES) -> int:
     """Rows (or columns) per block of an online pass: the largest power of two whose
@@ -316,28 +326,17 @@ def _factored_lse(parts, f, g, eps, axis: int, block_size: int, shift=None) -> A
     return jax.lax.cond(ok, lambda: shift + r, exact)
 
 
-#: Bytes of one block of a plan's product with a vector (`_factored_product`) or
-#: matrix. Unlike the log-sum-exp, XLA's fused loop for ``sum(exp(logits) * v)`` slows
-#: down 3-4x once a block passes about 30 MB (measured on the 2-core CPU, float32, d =
-#: 3: 2.2-2.8 G entries/s per product with 256-512 rows at m = 4096, 0.7 with 2048; at m
-#: = 10^5, 1.0-1.2 with 16-64 rows, 0.3 with 128 or more), so products run on sub-blocks
-#: of at most this many bytes, whatever the geometry's ``block_size``.
-PRODUCT_BLOCK_BYTES = 16 << 20
-
-
 def _factored_product(parts, f, g, eps, axis: int, block_size: int, w: Array) -> Array:
     """``P w`` (``axis=1``, ``w`` of shape ``(m,)`` or ``(m, k)``) or ``P^T w``
     (``axis=0``, ``w`` over the rows) of the plan ``P = exp((f + g - C) / eps)`` for a
     factored cost: each block of the plan is ``exp`` of one GEMM of augmented features
     (as in `_factored_lse`), reduced against ``w`` in the same fused loop for a vector
-    (a block product for a matrix), on blocks of at most ``block_size`` rows and
-    `PRODUCT_BLOCK_BYTES`. The former pass wrote out the cost block, the logits and the
-    plan block before the product (measured at n = m = 4096, float32: 0.4-0.7 G
-    entries/s against 1.3-2.8 for a vector, 1.3-1.6 for four columns)."""
+    (a block product for a matrix), on blocks of ``block_size`` rows (callers pass
+    `PointCloud._pass_rows`: that fused loop slows down 3-4x once a block passes about
+    30 MB, unlike the log-sum-exp's). The former pass wrote out the cost block, the
+    logits and the plan block before the product (measured at n = m = 4096, float32:
+    0.4-0.7 G entries/s against 1.3-2.8 for a vector, 1.3-1.6 for four columns)."""
     own, own_feats, cols = _factored_features(parts, f, g, eps, axis)
-    size = cols.shape[0] * jnp.dtype(cols.dtype).itemsize
-    rows = max(16, 1 << max(int(PRODUCT_BLOCK_BYTES // size).bit_length() - 1, 0))
-    rows = min(int(block_size), rows)
     if w.ndim == 1:  # one fused loop: the GEMM, the exponentials, the weighted sum
 
         def block(rb):
@@ -348,7 +347,7 @@ def _factored_product(parts, f, g, eps, axis: int, block_size: int, w: Array) ->
         def block(rb):
             return jnp.exp(rb @ cols.T) @ w
 
-    return _map_blocks(block, rows, (_factored_rows(own, own_feats),))
+    return _map_blocks(block, block_size, (_factored_rows(own, own_feats),))
 
 
 def _finite_stats(c: Array, axis=None) -> tuple[Array, Array, Array]:
@@ -400,10 +399,10 @@ class PlanOperator:
         geom, g, eps = self.geom, self.g, self.epsilon
         parts = _separable(geom.cost, geom.x, geom.y)
         if parts is not None:
-            return _factored_product(parts, self.f, g, eps, 1, geom.block_size, v)
+            return _factored_product(parts, self.f, g, eps, 1, geom._pass_rows, v)
         return _map_blocks(
             lambda xb, fb: _matvec(jnp.exp(_logits(geom._cost_rows(xb), fb, g, eps)), v),
-            geom.block_size,
+            geom._pass_rows,
             (geom.x, self.f),
         )
 
@@ -414,10 +413,10 @@ class PlanOperator:
         geom, f, eps = self.geom, self.f, self.epsilon
         parts = _separable(geom.cost, geom.x, geom.y)
         if parts is not None:
-            return _factored_product(parts, f, self.g, eps, 0, geom.block_size, u)
+            return _factored_product(parts, f, self.g, eps, 0, geom._pass_rows, u)
         return _map_blocks(
             lambda yb, gb: _rmatvec(jnp.exp(_logits(geom._cost_cols(yb), f, gb, eps)), u),
-            geom.block_size,
+            geom._pass_rows,
             (geom.y, self.g),
         )
 
@@ -668,6 +667,13 @@ class PointCloud(_GeometryBase):
         return self.block_size is not None
 
     @property
+    def _pass_rows(self) -> int:
+        """Rows per block of the online passes other than the fused log-sum-exp:
+        ``block_size``, capped to `PASS_BLOCK_BYTES` per block."""
+        n, m = self.shape
+        return min(self.block_size, auto_block_size(n, m, self.dtype, PASS_BLOCK_BYTES))
+
+    @property
     def cost_matrix(self) -> Array:
         """The ``(n, m)`` cost matrix, evaluated (also in online mode, when asked)."""
         return self.cost.all_pairs(self.x, self.y)
@@ -697,13 +703,13 @@ class PointCloud(_GeometryBase):
         if axis == 1:
             return _map_blocks(
                 lambda xb, fb: _lse_last(_logits(self._cost_rows(xb), fb, g, epsilon)),
-                self.block_size,
+                self._pass_rows,
                 (self.x, f),
             )
         if axis == 0:
             return _map_blocks(
                 lambda yb, gb: _lse_first(_logits(self._cost_cols(yb), f, gb, epsilon)),
-                self.block_size,
+                self._pass_rows,
                 (self.y, g),
             )
         raise ValueError(f"`axis` must be 0 or 1, got {axis}.")
@@ -722,7 +728,7 @@ class PointCloud(_GeometryBase):
             c = self._cost_rows(xb)
             return jnp.sum(c * jnp.exp(_logits(c, fb, g, epsilon)), axis=1)
 
-        return jnp.sum(_map_blocks(block, self.block_size, (self.x, f)))
+        return jnp.sum(_map_blocks(block, self._pass_rows, (self.x, f)))
 
     @_eager_jit()
     def primal_terms(self, f, g, epsilon, log_a, log_b):
@@ -730,7 +736,7 @@ class PointCloud(_GeometryBase):
             return super().primal_terms(f, g, epsilon, log_a, log_b)
         t = _map_blocks(
             lambda xb, fb, lab: _primal_terms(self._cost_rows(xb), fb, g, epsilon, lab, log_b),
-            self.block_size,
+            self._pass_rows,
             (self.x, f, log_a),
         )
         return tuple(jnp.sum(t, 0))
@@ -751,7 +757,7 @@ class PointCloud(_GeometryBase):
         mean = self._feature_mean()
         if mean is not None:
             return mean
-        rows = _map_blocks(lambda xb: jnp.sum(self._cost_rows(xb), 1), self.block_size, (self.x,))
+        rows = _map_blocks(lambda xb: jnp.sum(self._cost_rows(xb), 1), self._pass_rows, (self.x,))
         return jnp.sum(rows) / (self.shape[0] * self.shape[1])
 
     def _finite_stats(self):
@@ -762,7 +768,7 @@ class PointCloud(_GeometryBase):
         if not self.is_online:
             return super()._finite_stats()
         mx, total, count = _map_blocks(
-            lambda xb: _finite_stats(self._cost_rows(xb), axis=1), self.block_size, (self.x,)
+            lambda xb: _finite_stats(self._cost_rows(xb), axis=1), self._pass_rows, (self.x,)
         )
         return _combine_stats(mx, total, count)
 
@@ -778,7 +784,7 @@ class PointCloud(_GeometryBase):
             return super().row_sparsify(f, g, epsilon, bins)
         return _map_blocks(
             lambda xb, fb: _binned_max(_logits(self._cost_rows(xb), fb, g, epsilon), bins),
-            self.block_size,
+            self._pass_rows,
             (self.x, f),
         )
 
@@ -798,7 +804,7 @@ class PointCloud(_GeometryBase):
             c = self.cost.all_pairs(xcb, self.y)
             return jnp.sum(c * jnp.exp(_logits(self._cost_rows(xb), fb, g, epsilon)), axis=1)
 
-        return jnp.sum(_map_blocks(block, self.block_size, (self.x, x_cost, f)))
+        return jnp.sum(_map_blocks(block, self._pass_rows, (self.x, x_cost, f)))
 
     @_eager_jit()
     def transport(self, g: Array, epsilon: Array, x_new: Array) -> Array:
@@ -939,7 +945,7 @@ def _topk(self, f: Array, g: Array, k: int, axis: int = 0) -> Array:
     if axis == 1:
         return _map_blocks(
             lambda xb, fb: _topk_last(_scores(self._cost_rows(xb), fb, g), k),
-            self.block_size,
+            self._pass_rows,
             (jax.lax.stop_gradient(self.x), f),
         )
     return _running_topk_cols(self, f, g, k)
@@ -948,7 +954,7 @@ def _topk(self, f: Array, g: Array, k: int, axis: int = 0) -> Array:
 def _running_topk_cols(geom, f: Array, g: Array, k: int) -> Array:
     """Column-wise top-``k`` over row blocks: memory ``O(m (k + block_size))``."""
     n, m = geom.shape
-    bs = geom.block_size
+    bs = geom._pass_rows
     nb = -(-n // bs)
     pad = nb * bs - n
     x = jnp.pad(jax.lax.stop_gradient(geom.x), [(0, pad), (0, 0)])
@@ -1001,9 +1007,9 @@ def _reduce_scores(self, f: Array, g: Array, axis: int, fn, combine) -> Array:
     x = jax.lax.stop_gradient(self.x)
     if axis == 1:
         return _map_blocks(
-            lambda xb, fb: fn(_scores(self._cost_rows(xb), fb, g), 1), self.block_size, (x, f)
+            lambda xb, fb: fn(_scores(self._cost_rows(xb), fb, g), 1), self._pass_rows, (x, f)
         )
-    bs = self.block_size
+    bs = self._pass_rows
     nb = -(-x.shape[0] // bs)
     pad = nb * bs - x.shape[0]
     xp = jnp.pad(x, [(0, pad), (0, 0)], mode="edge")

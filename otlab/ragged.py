@@ -293,7 +293,7 @@ def _masked_mean_cost(geom: PointCloud, mx: Array, my: Array) -> Array:
     mx, my = mx.astype(geom.dtype), my.astype(geom.dtype)
     if geom.is_online:
         rows = geometry_lib._map_blocks(
-            lambda xb, mb: mb * (geom._cost_rows(xb) @ my), geom.block_size, (geom.x, mx)
+            lambda xb, mb: mb * (geom._cost_rows(xb) @ my), geom._pass_rows, (geom.x, mx)
         )
         total = jnp.sum(rows)
     else:

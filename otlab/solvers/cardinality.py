@@ -433,7 +433,19 @@ def _loop_problem(problem: Problem) -> tuple[Problem, bool]:
     return Problem(geom_t, problem.b, problem.a, problem.gamma, problem.k, 1, problem.support), True
 
 
-def _schur_cg(p: Problem, idx: Array, mask: Array, da: Array, db: Array, rhs, *, tol, maxiter):
+def _compact(idx: Array, mask: Array, size: int, n_other: int) -> tuple[Array, Array]:
+    """The entries of the ``(lines, w)`` pattern where ``mask > 0`` as ``size`` flat
+    ``(line, other)`` index pairs, in line order; the unused slots hold ``(lines,
+    n_other)``, out of range (the segment sums drop them). Needs ``size >= (mask >
+    0).sum()``."""
+    n_lines, w = mask.shape
+    pos = jnp.nonzero(mask.reshape(-1) > 0, size=size, fill_value=n_lines * w)[0]
+    others = jnp.where(pos < n_lines * w, idx.reshape(-1)[jnp.minimum(pos, n_lines * w - 1)], n_other)
+    return (pos // w).astype(idx.dtype), others.astype(idx.dtype)
+
+
+def _schur_cg(p: Problem, idx: Array, mask: Array | None, da: Array, db: Array, rhs, *, tol,
+              maxiter, lines: Array | None = None):
     """Solve ``(B + (1/gamma) (0, w_o) (0, w_o)^T) z = rhs`` by conjugate gradient on
     the Schur complement of the lines, with ``B = [[D_l, M/gamma], [M^T/gamma, D_o]]``
     in (lines, others) order (``M`` the 0/1 pattern ``mask`` at ``idx``; ``D`` diagonal,
@@ -450,6 +462,12 @@ def _schur_cg(p: Problem, idx: Array, mask: Array, da: Array, db: Array, rhs, *,
     gamma`` with ``w = (a, -b)`` does: for a right-hand side orthogonal to it (as the
     dual's gradient is) the solutions differ only along ``(1, -1)``, a change of gauge.
     Dense or point-cloud geometries (a sharded one splits its sides differently).
+
+    With ``lines`` the pattern is a flat list of entries (`_compact`: ``lines`` and
+    ``idx`` of shape ``(size,)``, ``mask`` unused): the products then cost the
+    pattern's nonzeros, not its ``(lines, k + 4)`` slots (n = 200, k = 5: ~330
+    nonzeros at the final ``gamma`` against 5,000 slots; 1.8 against 7.8 us per
+    iteration).
     """
     inv = 1.0 / p.gamma
     n_other = p.geom.shape[p.axis]
@@ -457,11 +475,20 @@ def _schur_cg(p: Problem, idx: Array, mask: Array, da: Array, db: Array, rhs, *,
     rl, ro = p._lines(*rhs)
     wo = p._lines(p.a, p.b)[1]
 
-    def m_lines(v):  # M v, per line
-        return _line_sum(mask * v[idx])
+    if lines is None:
+        def m_lines(v):  # M v, per line
+            return _line_sum(mask * v[idx])
 
-    def m_other(u):  # M^T u, per point on the other side
-        return jax.ops.segment_sum((mask * u[:, None]).reshape(-1), idx.reshape(-1), n_other)
+        def m_other(u):  # M^T u, per point on the other side
+            return jax.ops.segment_sum((mask * u[:, None]).reshape(-1), idx.reshape(-1), n_other)
+    else:  # flat (line, other) pairs (`_compact`)
+        n_lines = dl.shape[0]
+
+        def m_lines(v):
+            return jax.ops.segment_sum(v[idx], lines, n_lines, indices_are_sorted=True)
+
+        def m_other(u):
+            return jax.ops.segment_sum(u[lines], idx, n_other)
 
     def schur(v):
         return do * v + inv * (wo * (wo @ v) - inv * m_other(m_lines(v) / dl))
@@ -533,7 +560,7 @@ class _State(NamedTuple):
     idx: Array  # (lines, k + 4) candidates, or (lines, k) top-k
     vals: Array  # the plan there: zero outside the keep largest
     smax: Array  # each line's largest score
-    kth: Array  # each line's keep-th score (zero if keep is the whole line)
+    kth: Array  # each line's keep-th score where positive, else a value <= 0
     value: Array
     quad: Array  # the value's quadratic term, (gamma / 2) |vals|^2
     row: Array
@@ -555,6 +582,8 @@ def _candidates(p: Problem, f: Array, g: Array) -> Array:
     kc = _n_candidates(p)
     if kc == 0:
         return jnp.zeros((p.geom.shape[1 - p.axis], 0), jnp.int32)
+    if _by_line(p):
+        return _top_candidates(f[:, None] + g[None, :] - p.geom.cost_matrix, kc)
     return p.geom.topk(f, g, kc, p.axis)
 
 
@@ -564,6 +593,43 @@ def _by_line(p: Problem) -> bool:
     return type(p.geom) is geometry_lib.Geometry and p.axis == 1
 
 
+def _ranks(sc: Array) -> Array:
+    """Each entry's rank in its row of ``sc`` (``0``: the largest; ties to the lower
+    index), by pairwise comparisons (XLA's CPU sort of ``200 x 25`` rows is ~10x
+    slower). Reduced over the middle axis, in int32: XLA's CPU loop then runs along
+    the rows' contiguous entries (200 x 25: 29 us, against 45 us over the last axis)."""
+    j = jnp.arange(sc.shape[1])
+    sj, si = sc[:, :, None], sc[:, None, :]  # (row, other j, entry i)
+    return jnp.sum((sj > si) | ((sj == si) & (j[:, None] < j[None, :])), axis=1, dtype=jnp.int32)
+
+
+def _top_keep(sc: Array, keep: Array) -> tuple[Array, Array]:
+    """``(kept, kth)``: the ``keep`` largest entries of each row of ``sc`` (ties to the
+    lower index) and the ``keep``-th largest score where it is positive (a value
+    ``<= 0`` elsewhere). Where no row has more than ``keep`` positive scores (most
+    Newton steps at small ``gamma``: a few per line) every entry is kept (the plan,
+    ``[s]_+``, is the same) and the ranks are not computed."""
+    npos = jnp.sum(sc > 0, axis=1, dtype=jnp.int32)
+
+    def ranked(_):
+        rank = _ranks(sc)
+        return rank < keep, jnp.max(jnp.where(rank == keep - 1, sc, -jnp.inf), axis=1)
+
+    smallest = jnp.min(jnp.where(sc > 0, sc, jnp.inf), axis=1)
+    few = (jnp.ones(sc.shape, bool), jnp.where(npos == keep, smallest, 0.0).astype(sc.dtype))
+    return if_any(jnp.any(npos > keep), ranked, few)
+
+
+def _top_candidates(sc: Array, kc: int) -> Array:
+    """Indices of the ``kc`` largest entries of each row of ``sc``, in float32 and
+    unsorted: candidates for the top ``kc - 4`` (XLA's CPU ``top_k`` sorts float64
+    rows, ~50x slower). As with `otlab.Geometry.topk`'s float64 path, only more than
+    4 entries tied with the ``(kc - 4)``-th in float32 could leave one out. (The
+    exact float64 order of the candidates, which that path adds, is not needed: the
+    candidates are ranked again at every evaluation.)"""
+    return geometry_lib._lax_top_k(sc.astype(jnp.float32), kc)[1].astype(jnp.int32)
+
+
 def _evaluate(p: Problem, f: Array, g: Array, keep: Array, cand: Array) -> _State:
     """``D(f, g)`` with its support, plan and marginals, for the ``keep <= k``
     largest scores of each line (``keep`` may be traced: one compiled loop serves
@@ -571,81 +637,73 @@ def _evaluate(p: Problem, f: Array, g: Array, keep: Array, cand: Array) -> _Stat
 
     The support is the top-``keep`` of the scores at the ``cand`` entries of each
     line (the top-``k + 4`` of an earlier point; ranked by pairwise comparisons, no
-    sort), certified by one counting pass over the ``n x m`` scores
+    sort, and only when some line has more than ``keep`` positive scores:
+    `_top_keep`), certified by one counting pass over the ``n x m`` scores
     (`otlab.Geometry.count_at_least`: no entry outside the candidates reaches the
     ``keep``-th score, when it is positive); the lines where that fails get new
-    candidates here, by a top-``k + 4`` over their rows of a dense cost matrix (other
-    geometries: one top-``k + 4`` pass over every line). Between Newton steps few
-    supports change, so most evaluations cost one reduction pass instead of a
-    top-``k`` selection (~10x slower on CPU). Without candidates (online geometries): one
+    candidates here, by a float32 top-``k + 4`` over their rows of a dense cost matrix
+    (`_top_candidates`; other geometries: one top-``k + 4`` pass over every line).
+    Between Newton steps few supports change, so most evaluations cost one reduction
+    pass instead of a top-``k`` selection (~10x slower on CPU). Without candidates (online geometries): one
     top-``k`` pass. ``idx`` holds the candidates (or the top-``k``), ``vals`` is zero
     outside the support.
     """
     u, v = p._lines(f, g)
-    n_other = p.geom.shape[p.axis]
+    tiny = jnp.finfo(f.dtype).tiny
 
-    def select(cand):
-        if cand.shape[1] == 0:
-            idx = p.topk(f, g)  # sorted, unless it is the whole line
-            sc = p.scores(f, g, idx)
-            rank = jnp.broadcast_to(jnp.arange(p.k), sc.shape)
-            return idx, sc, rank, jnp.asarray(True)
+    if cand.shape[1] == 0:
+        idx = p.topk(f, g)  # sorted, unless it is the whole line
+        sc = p.scores(f, g, idx)
+        rank = jnp.arange(idx.shape[1])
+        kept = jnp.broadcast_to(rank < keep, sc.shape)
+        if p.k < p.geom.shape[p.axis]:  # what an entrant must beat: the keep-th score
+            kth = jnp.max(jnp.where(rank == keep - 1, sc, -jnp.inf), axis=1)
+        else:  # the whole line: entering means turning positive
+            kth = jnp.zeros_like(u)
+    else:
+        idx = cand
         c_cand = p.line_costs(cand)
         sc = u[:, None] + v[cand] - c_cand
-        j = jnp.arange(cand.shape[1])
-        si, sj = sc[:, :, None], sc[:, None, :]
-        rank = jnp.sum((sj > si) | ((sj == si) & (j[None, :] < j[:, None])), axis=2)
-        # the keep-th score, or (when it is not positive) the smallest positive one:
-        # no entry outside the candidates may reach it
-        kth = jnp.max(jnp.where(rank == keep - 1, sc, -jnp.inf), axis=1)
-        t = jnp.where(kth > 0, kth, jnp.finfo(f.dtype).tiny)
+        kept, kth = _top_keep(sc, keep)
+        # no entry outside the candidates may reach the keep-th score, or (when it is
+        # not positive) turn positive
+        t = jnp.where(kth > 0, kth, tiny)
         inside = jnp.sum((u - t)[:, None] + v[cand] - c_cand >= 0, axis=1, dtype=jnp.int32)
-        full = p.geom.count_at_least(f, g, t, p.axis)
-        return cand, sc, rank, inside == full
+        ok = inside == p.geom.count_at_least(f, g, t, p.axis)
 
-    idx, sc, rank, ok = select(cand)
+        if _by_line(p):
+            # only the lines whose certificate fails get new candidates, ``R`` lines per
+            # round (a top-``k + 4`` over those rows of the cost matrix): under `jax.vmap`
+            # a problem's failures no longer cost a selection over every line of every
+            # problem, and one problem's failures leave the others' candidates as they are
+            n_lines = cand.shape[0]
+            n_sel = max(8, n_lines // 8)
+            cost = p.geom.cost_matrix
 
-    def ranks(sc):
-        j = jnp.arange(sc.shape[1])
-        si, sj = sc[:, :, None], sc[:, None, :]
-        return jnp.sum((sj > si) | ((sj == si) & (j[None, :] < j[:, None])), axis=2)
+            def refresh(c):
+                idx, sc, kept, kth, todo = c
+                rows = jnp.nonzero(todo, size=n_sel, fill_value=n_lines)[0]
+                safe = jnp.minimum(rows, n_lines - 1)
+                sc_rows = u[safe][:, None] + v[None, :] - cost[safe]
+                new = _top_candidates(sc_rows, cand.shape[1])
+                sc_new = jnp.take_along_axis(sc_rows, new, axis=1)
+                put = lambda z, w: z.at[rows].set(w, mode="drop")  # noqa: E731
+                kept_new, kth_new = _top_keep(sc_new, keep)
+                return (put(idx, new), put(sc, sc_new), put(kept, kept_new), put(kth, kth_new),
+                        put(todo, jnp.zeros_like(rows, dtype=bool)))
 
-    def recompute(_):
-        new = _candidates(p, f, g)
-        sc = u[:, None] + v[new] - p.line_costs(new)
-        return new, sc, ranks(sc)
+            idx, sc, kept, kth, _ = jax.lax.while_loop(
+                lambda c: jnp.any(c[4]), refresh, (idx, sc, kept, kth, ~ok)
+            )
+        else:
 
-    if cand.shape[1] and _by_line(p):
-        # only the lines whose certificate fails get new candidates, ``R`` lines per
-        # round (a top-``k + 4`` over those rows of the cost matrix): under `jax.vmap`
-        # a problem's failures no longer cost a selection over every line of every
-        # problem, and one problem's failures leave the others' candidates as they are
-        n_lines = cand.shape[0]
-        n_sel = max(8, n_lines // 8)
-        cost = p.geom.cost_matrix
+            def recompute(_):
+                new = _candidates(p, f, g)
+                sc = u[:, None] + v[new] - p.line_costs(new)
+                return (new, sc) + _top_keep(sc, keep)
 
-        def refresh(c):
-            idx, sc, rank, todo = c
-            rows = jnp.nonzero(todo, size=n_sel, fill_value=n_lines)[0]
-            safe = jnp.minimum(rows, n_lines - 1)
-            c_rows = cost[safe]
-            new = geometry_lib.Geometry(c_rows).topk(u[safe], v, cand.shape[1], 1)
-            sc_new = u[safe][:, None] + v[new] - jnp.take_along_axis(c_rows, new, axis=1)
-            put = lambda z, w: z.at[rows].set(w, mode="drop")  # noqa: E731
-            return (put(idx, new), put(sc, sc_new), put(rank, ranks(sc_new)),
-                    put(todo, jnp.zeros_like(rows, dtype=bool)))
-
-        idx, sc, rank, _ = jax.lax.while_loop(
-            lambda c: jnp.any(c[3]), refresh, (idx, sc, rank, ~ok)
-        )
-    elif cand.shape[1]:
-        idx, sc, rank = if_any(~jnp.all(ok), recompute, (idx, sc, rank))
-    kept = rank < keep
+            idx, sc, kept, kth = if_any(~jnp.all(ok), recompute, (idx, sc, kept, kth))
     vals = jnp.where(kept, jax.nn.relu(sc), 0.0) / p.gamma
-    if p.k < n_other:  # what an entrant must beat: the keep-th score
-        kth = jnp.max(jnp.where(rank == keep - 1, sc, -jnp.inf), axis=1)
-    else:  # the whole line: entering means turning positive
-        kth = jnp.zeros_like(u)
     quad = 0.5 * p.gamma * jnp.sum(vals * vals)
     value = jnp.sum(p.a * f) + jnp.sum(p.b * g) - quad
     row, col = p._sums(idx, vals)
@@ -789,7 +847,26 @@ def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
         if direct:
             d = _schur_solve(ps, idx, mask, da, db, rhs)
         elif _reducible(ps.geom):  # conjugate gradient on the lines' Schur complement
-            d = _schur_cg(ps, idx, mask, da, db, rhs, tol=forcing, maxiter=cg_iter)
+            size = n_lines + n_other
+
+            def full(_):
+                return _schur_cg(ps, idx, mask, da, db, rhs, tol=forcing, maxiter=cg_iter)
+
+            if idx.shape[0] * idx.shape[1] > size:
+                # the products on the plan's positive entries alone, as a flat list,
+                # where they fit in ``n + m`` slots (at the final gamma a few per line:
+                # n = 200, ~330 of the 5,000 candidate slots at k = 5); `if_any` twice:
+                # under `jax.vmap` a batch runs both only when its problems disagree
+                def compact(_):
+                    lines, others = _compact(idx, mask, size, n_other)
+                    return _schur_cg(ps, others, None, da, db, rhs, tol=forcing,
+                                     maxiter=cg_iter, lines=lines)
+
+                fits = jnp.sum(mask) <= size
+                d = if_any(fits, compact, (jnp.zeros_like(x.f), jnp.zeros_like(x.g)))
+                d = if_any(~fits, full, d)
+            else:
+                d = full(None)
         else:  # a sharded geometry: on the pair (f and g are split differently)
             pa, pb = da + inv * ps.a**2, db + inv * ps.b**2
 

@@ -510,9 +510,10 @@ def _newton_direction(
 ):
     """``A^{-1} F`` by preconditioned conjugate gradient on the sparse Hessian, at most
     ``maxiter`` iterations, default ``2 (n + m)`` (``n + m`` on the Schur complement;
-    in exact arithmetic it ends within ``n + m``; with a cap of 200 the relative residual stayed at 1e-3 to 2e-2 on
-    100 x 100 problems, and phase 2 could stop short of the marginals by rounding
-    chance). ``reduced`` (dense and point-cloud geometries): on the lines' Schur
+    in exact arithmetic it ends within ``n + m`` iterations on the pair and within the
+    other side's size on the Schur complement; with a cap of 200 the relative residual
+    stayed at 1e-3 to 2e-2 on 100 x 100 problems, and phase 2 could stop short of the
+    marginals by rounding chance). ``reduced`` (dense and point-cloud geometries): on the lines' Schur
     complement (`_schur_cg`), with the gauge term on the other side only; the step
     then differs along ``(1, -1)``, which the caller's `Problem.gauge` removes."""
     tol = 1e-12 if f.dtype == jnp.float64 else 1e-6

@@ -154,16 +154,30 @@ def _binned_max(z: Array, bins: int) -> tuple[Array, Array]:
     return vals, idx
 
 
-def _map_blocks(fn, block_size: int, args: tuple) -> Any:
-    """Apply ``fn`` to consecutive row blocks of ``args`` (same leading size).
+def _blocks(n: int, block_size: int) -> tuple[int, int]:
+    """``(blocks, rows)``: ``n`` rows cut into the fewest blocks of at most
+    ``block_size`` rows, balanced (rows rounded up to a multiple of 8 where that stays
+    within ``block_size``), so that padding is below ``8 * blocks`` rows instead of up
+    to a whole block: 3000 rows in blocks of at most 2048 run as 2 x 1504, not 2 x 2048
+    (1.37x the work)."""
+    nb = -(-n // block_size)
+    if nb == 1:
+        return 1, n
+    rows = -(-n // nb)
+    return nb, min(-(-rows // 8) * 8, block_size)
 
-    Pads to a multiple of ``block_size`` (repeating the last row: padded points
+
+def _map_blocks(fn, block_size: int, args: tuple) -> Any:
+    """Apply ``fn`` to consecutive row blocks of ``args`` (same leading size), blocks
+    of at most ``block_size`` rows (`_blocks`).
+
+    Pads to a whole number of blocks (repeating the last row: padded points
     stay inside the cloud, which the centred costs of `otlab.costs` rely on), runs
     a rematerialised ``lax.map`` and trims: peak memory is that of one block,
     forward and backward.
     """
     n = args[0].shape[0]
-    nb = -(-n // block_size)
+    nb, block_size = _blocks(n, block_size)
     pad = nb * block_size - n
 
     def split(x):
@@ -954,8 +968,7 @@ def _topk(self, f: Array, g: Array, k: int, axis: int = 0) -> Array:
 def _running_topk_cols(geom, f: Array, g: Array, k: int) -> Array:
     """Column-wise top-``k`` over row blocks: memory ``O(m (k + block_size))``."""
     n, m = geom.shape
-    bs = geom._pass_rows
-    nb = -(-n // bs)
+    nb, bs = _blocks(n, geom._pass_rows)
     pad = nb * bs - n
     x = jnp.pad(jax.lax.stop_gradient(geom.x), [(0, pad), (0, 0)])
     fp = jnp.pad(f, (0, pad), constant_values=-jnp.inf)  # padded rows never selected
@@ -1009,8 +1022,7 @@ def _reduce_scores(self, f: Array, g: Array, axis: int, fn, combine) -> Array:
         return _map_blocks(
             lambda xb, fb: fn(_scores(self._cost_rows(xb), fb, g), 1), self._pass_rows, (x, f)
         )
-    bs = self._pass_rows
-    nb = -(-x.shape[0] // bs)
+    nb, bs = _blocks(x.shape[0], self._pass_rows)
     pad = nb * bs - x.shape[0]
     xp = jnp.pad(x, [(0, pad), (0, 0)], mode="edge")
     fp = jnp.pad(f, (0, pad), constant_values=-jnp.inf)  # padded rows: score -inf

@@ -594,16 +594,6 @@ def _by_line(p: Problem) -> bool:
     return type(p.geom) is geometry_lib.Geometry and p.axis == 1
 
 
-def _ranks(sc: Array) -> Array:
-    """Each entry's rank in its row of ``sc`` (``0``: the largest; ties to the lower
-    index), by pairwise comparisons (XLA's CPU sort of ``200 x 25`` rows is ~10x
-    slower). Reduced over the middle axis, in int32: XLA's CPU loop then runs along
-    the rows' contiguous entries (200 x 25: 29 us, against 45 us over the last axis)."""
-    j = jnp.arange(sc.shape[1])
-    sj, si = sc[:, :, None], sc[:, None, :]  # (row, other j, entry i)
-    return jnp.sum((sj > si) | ((sj == si) & (j[:, None] < j[None, :])), axis=1, dtype=jnp.int32)
-
-
 def _top_keep(sc: Array, keep: Array) -> tuple[Array, Array]:
     """``(kept, kth)``: the ``keep`` largest entries of each row of ``sc`` (ties to the
     lower index) and the ``keep``-th largest score where it is positive (a value
@@ -613,7 +603,7 @@ def _top_keep(sc: Array, keep: Array) -> tuple[Array, Array]:
     npos = jnp.sum(sc > 0, axis=1, dtype=jnp.int32)
 
     def ranked(_):
-        rank = _ranks(sc)
+        rank = geometry_lib._pairwise_ranks(sc)
         return rank < keep, jnp.max(jnp.where(rank == keep - 1, sc, -jnp.inf), axis=1)
 
     smallest = jnp.min(jnp.where(sc > 0, sc, jnp.inf), axis=1)

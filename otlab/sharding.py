@@ -56,6 +56,33 @@ Array = jax.Array
 AXIS = "points"
 
 
+def _auto(mesh: Mesh) -> Mesh:
+    """``mesh`` with every axis of type ``Auto``: the solvers place data themselves
+    (`shard` splits the rows; everything else is replicated, and ``shard_map`` runs the
+    per-device passes), so they work the same whether the caller built the mesh with
+    ``jax.make_mesh`` (``Explicit`` axes by default in jax >= 0.7) or ``Mesh(...)``.
+    Under ``Explicit`` axes ``shard_map`` would instead demand inputs already split as
+    its ``in_specs`` say."""
+    types = getattr(mesh, "axis_types", None)
+    if types is None or all(t == jax.sharding.AxisType.Auto for t in types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(types))
+
+
+def _shard_map(fn, mesh: Mesh, in_specs, out_specs):
+    """``jax.shard_map`` over ``mesh`` (its axes ``Auto``: `_auto`), with a clear error
+    under a context mesh of ``Explicit`` axes (``jax.set_mesh``), where ``shard_map``
+    accepts only the context's own mesh and inputs typed with its shardings."""
+    ctx = jax.sharding.get_abstract_mesh()
+    if not ctx.empty and any(t != jax.sharding.AxisType.Auto for t in ctx.axis_types):
+        raise ValueError(
+            "otlab's sharded geometries do not run under a context mesh with Explicit "
+            "axes (`jax.set_mesh`): call the solver outside that context and pass the "
+            "mesh to `otlab.sharding.shard` (or `mesh=`) instead."
+        )
+    return jax.shard_map(fn, mesh=_auto(mesh), in_specs=in_specs, out_specs=out_specs)
+
+
 def default_mesh(devices: Any = None) -> Mesh:
     """A one-axis mesh named ``"points"`` over ``devices`` (default: ``jax.devices()``,
     every device of every process under ``jax.distributed``)."""
@@ -193,7 +220,7 @@ class ShardedGeometry(_GeometryBase):
         def body(parts, rows, reps):
             return fn(rebuild(*parts), *rows, *reps)
 
-        smap = jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
+        smap = _shard_map(body, self.mesh, in_specs, out_specs)
         return smap(arrays, tuple(rows), tuple(reps))
 
     def _names(self):
@@ -372,9 +399,7 @@ class ShardedPlanOperator(PlanOperator):
     def matvec(self, v: Array) -> Array:
         geom = self.geom
         if self.matrix is not None:
-            return jax.shard_map(
-                _matvec, mesh=geom.mesh, in_specs=(geom._row, P()), out_specs=geom._row
-            )(self.matrix, v)
+            return _shard_map(_matvec, geom.mesh, (geom._row, P()), geom._row)(self.matrix, v)
         return geom._smap(
             lambda lg, f, g, e, v: lg.plan_operator(f, g, e).matvec(v),
             geom._row,
@@ -386,11 +411,9 @@ class ShardedPlanOperator(PlanOperator):
         geom = self.geom
         names = geom._names()
         if self.matrix is not None:
-            return jax.shard_map(
-                lambda p, u: jax.lax.psum(_rmatvec(p, u), names),
-                mesh=geom.mesh,
-                in_specs=(geom._row, geom._row),
-                out_specs=P(),
+            return _shard_map(
+                lambda p, u: jax.lax.psum(_rmatvec(p, u), names), geom.mesh,
+                (geom._row, geom._row), P(),
             )(self.matrix, u)
         return geom._smap(
             lambda lg, f, u, g, e: jax.lax.psum(lg.plan_operator(f, g, e).rmatvec(u), names),
@@ -440,6 +463,7 @@ def shard(geom: Any, mesh: Mesh | None = None, axis: Any = None) -> ShardedGeome
     mesh = default_mesh() if mesh is None else mesh
     if not isinstance(mesh, Mesh):
         raise ValueError(f"`mesh` must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
+    mesh = _auto(mesh)
     axis = tuple(mesh.axis_names) if axis is None else axis
     if not isinstance(axis, str):
         axis = tuple(axis)

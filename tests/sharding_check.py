@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 jax.config.update("jax_enable_x64", True)
 
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
 import otlab  # noqa: E402
 from otlab import sharding  # noqa: E402
 
@@ -129,6 +131,14 @@ def equality(mesh):
 
     out["cardinality_dense"] = _compare(card(None, 0), x, y, a)
     out["cardinality_online"] = _compare(card(16, 1), x, y, a)
+    # a mesh from jax.make_mesh (Explicit axes): x already split on it, and replicated
+    explicit = jax.make_mesh((D,), ("i",))
+    x_split = jax.device_put(x, jax.sharding.NamedSharding(explicit, P("i", None)))
+    plain = otlab.sinkhorn(otlab.PointCloud(x, y), a, epsilon=0.1).f
+    split = jax.jit(
+        lambda x: otlab.sinkhorn(sharding.shard(otlab.PointCloud(x, y), explicit), a, epsilon=0.1).f
+    )
+    out["make_mesh"] = max(float(jnp.max(jnp.abs(split(v) - plain))) for v in (x_split, x))
     try:  # rows that do not divide over the devices: a clear error before tracing
         otlab.progot(x[:63], y, num_steps=2, mesh=mesh)
         out["progot_bad_rows"] = ""

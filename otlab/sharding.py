@@ -382,11 +382,18 @@ class ShardedGeometry(_GeometryBase):
         return self._smap(local, P(), (), (rows, cols))
 
     def transport(self, g: Array, epsilon: Array, x_new: Array) -> Array:
-        """Entropic map of new points (as `otlab.PointCloud.transport`; ``y`` is
-        replicated, so this runs on every device without communication)."""
-        if not isinstance(self.inner, PointCloud):
+        """Entropic map of new points (as `otlab.PointCloud.transport`), on every
+        device without communication: ``y``, ``g`` and the new points are held
+        replicated. (A traced ``y`` may arrive split, as in ProgOT's centering self
+        problem ``OT(x, x)``: XLA's partitioner then split the map's blocks along ``y``
+        and replicated them again, with an "Involuntary full rematerialization"
+        warning.)"""
+        inner = self.inner
+        if not isinstance(inner, PointCloud):
             raise ValueError("`transport` needs a PointCloud geometry (points and a cost).")
-        return self.inner.transport(g, epsilon, x_new)
+        rep = NamedSharding(_auto(self.mesh), P())
+        y, g, x_new = (jax.lax.with_sharding_constraint(v, rep) for v in (inner.y, g, x_new))
+        return dataclasses.replace(inner, y=y).transport(g, epsilon, x_new)
 
 
 @jax.tree_util.register_dataclass

@@ -70,9 +70,10 @@ def _auto(mesh: Mesh) -> Mesh:
 
 
 def _shard_map(fn, mesh: Mesh, in_specs, out_specs):
-    """``jax.shard_map`` over ``mesh`` (its axes ``Auto``: `_auto`), with a clear error
-    under a context mesh of ``Explicit`` axes (``jax.set_mesh``), where ``shard_map``
-    accepts only the context's own mesh and inputs typed with its shardings."""
+    """``jax.shard_map`` over ``mesh`` (a `ShardedGeometry`'s: its axes ``Auto``,
+    `_auto`), with a clear error under a context mesh of ``Explicit`` axes
+    (``jax.set_mesh``), where ``shard_map`` accepts only the context's own mesh and
+    inputs typed with its shardings."""
     ctx = jax.sharding.get_abstract_mesh()
     if not ctx.empty and any(t != jax.sharding.AxisType.Auto for t in ctx.axis_types):
         raise ValueError(
@@ -80,7 +81,7 @@ def _shard_map(fn, mesh: Mesh, in_specs, out_specs):
             "axes (`jax.set_mesh`): call the solver outside that context and pass the "
             "mesh to `otlab.sharding.shard` (or `mesh=`) instead."
         )
-    return jax.shard_map(fn, mesh=_auto(mesh), in_specs=in_specs, out_specs=out_specs)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
 def default_mesh(devices: Any = None) -> Mesh:
@@ -154,6 +155,7 @@ class ShardedGeometry(_GeometryBase):
             )
         if not isinstance(self.mesh, Mesh):
             raise ValueError(f"`mesh` must be a jax.sharding.Mesh; got {type(self.mesh).__name__}.")
+        object.__setattr__(self, "mesh", _auto(self.mesh))  # every pass: `_shard_map`
         names = _axis_names(self.axis)
         for name in names:
             if name not in self.mesh.axis_names:
@@ -391,7 +393,7 @@ class ShardedGeometry(_GeometryBase):
         inner = self.inner
         if not isinstance(inner, PointCloud):
             raise ValueError("`transport` needs a PointCloud geometry (points and a cost).")
-        rep = NamedSharding(_auto(self.mesh), P())
+        rep = NamedSharding(self.mesh, P())
         y, g, x_new = (jax.lax.with_sharding_constraint(v, rep) for v in (inner.y, g, x_new))
         return dataclasses.replace(inner, y=y).transport(g, epsilon, x_new)
 
@@ -470,14 +472,13 @@ def shard(geom: Any, mesh: Mesh | None = None, axis: Any = None) -> ShardedGeome
     mesh = default_mesh() if mesh is None else mesh
     if not isinstance(mesh, Mesh):
         raise ValueError(f"`mesh` must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
-    mesh = _auto(mesh)
     axis = tuple(mesh.axis_names) if axis is None else axis
     if not isinstance(axis, str):
         axis = tuple(axis)
         if len(axis) == 1:
             axis = axis[0]
     out = ShardedGeometry(inner, mesh, axis)  # validates
-    rows, rep = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
+    rows, rep = NamedSharding(out.mesh, P(axis)), NamedSharding(out.mesh, P())
     if isinstance(inner, PointCloud):
         inner = PointCloud(
             _put(inner.x, rows),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -30,3 +32,49 @@ def if_any(pred, fn, x, *, differentiable: bool = False):
     return jax.lax.while_loop(
         lambda c: c[0], lambda c: (jnp.zeros_like(c[0]), fn(c[1])), (pred, x)
     )[1]
+
+
+def alone_or_batched(alone, batched):
+    """A function that runs ``alone(*args)`` on one problem and ``jax.vmap(batched)``
+    over the batch axis that `jax.vmap` adds: two algorithms for the same result,
+    one that suits a single problem and one that suits a batch run in lockstep.
+
+    Both must compute the same thing (up to their own rounding or tolerance); the
+    choice is made at trace time from whether ``vmap`` batches any argument. Not
+    differentiable: the arguments are held under ``stop_gradient``.
+
+    Example (a conjugate-gradient solve alone, a dense one batched):
+        >>> import jax, jax.numpy as jnp
+        >>> from otlab._control import alone_or_batched
+        >>> solve = alone_or_batched(
+        ...     lambda m, v: jax.scipy.sparse.linalg.cg(m, v, tol=1e-6)[0],
+        ...     lambda m, v: jnp.linalg.solve(m, v))
+        >>> m = 2.0 * jnp.eye(3)
+        >>> solve(m, jnp.ones(3)), jax.vmap(solve, (None, 0))(m, jnp.ones((2, 3)))[1]
+        (Array([0.5, 0.5, 0.5], dtype=float32), Array([0.5, 0.5, 0.5], dtype=float32))
+    """
+
+    # the custom rule sees the arguments' leaves (a pytree such as a geometry may
+    # check its fields when it is rebuilt from placeholders)
+    def call(*args):
+        leaves, treedef = jax.tree.flatten(jax.lax.stop_gradient(args))
+        return _fn(treedef)(*leaves)
+
+    @functools.cache
+    def _fn(treedef):
+        @jax.custom_batching.custom_vmap
+        def one(*leaves):
+            return alone(*jax.tree.unflatten(treedef, leaves))
+
+        @one.def_vmap
+        def _rule(axis_size, in_batched, *leaves):
+            leaves = [
+                x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
+                for x, b in zip(leaves, in_batched, strict=True)
+            ]
+            out = jax.vmap(lambda *v: batched(*jax.tree.unflatten(treedef, v)))(*leaves)
+            return out, jax.tree.map(lambda _: True, out)
+
+        return one
+
+    return call

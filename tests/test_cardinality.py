@@ -233,10 +233,14 @@ def test_too_sparse_is_infeasible(x64):
     assert int(sol.status) == otlab.Status.INFEASIBLE
 
 
-def test_vmap_equals_loop(x64):
+@pytest.mark.parametrize("n, m", [(N, M), (48, 40)])
+def test_vmap_equals_loop(x64, n, m):
+    """Also where the Newton direction is solved differently alone (conjugate
+    gradient) and under `vmap` (dense Cholesky): 32 < n <= 128 points on the other
+    side (`otlab._control.alone_or_batched`)."""
     cs, ab = [], []
     for seed in range(3):
-        x, y, a, b = _problem(10 + seed)
+        x, y, a, b = _problem(10 + seed, n, m)
         cs.append(ot.dist(x, y))
         ab.append((a, b))
     cs = jnp.asarray(np.stack(cs))

@@ -708,13 +708,17 @@ _DIRECT_ALONE_MAX = 32  # a single problem
 
 
 def _schur_solve(p: Problem, idx: Array, mask: Array, da: Array, db: Array, rhs):
-    """Solve ``(B + (1/gamma) w w^T) z = rhs`` exactly, with ``B = [[D_l, M/gamma],
-    [M^T/gamma, D_o]]`` in (lines, others) order (``M`` the 0/1 pattern ``mask`` at
-    ``idx``; ``D`` diagonal, positive) and ``w = (a, -b)``: the lines are eliminated
-    (``D_l`` is diagonal), the Schur complement ``S = D_o - M^T D_l^{-1} M /
-    gamma^2`` (``n_other x n_other``, assembled from the ``k^2`` pairs of each line)
-    is formed densely and factored by Cholesky, and the rank-one gauge term is added
-    by Sherman-Morrison.
+    """Solve ``(B + (1/gamma) (0, w_o) (0, w_o)^T) z = rhs`` exactly, with ``B =
+    [[D_l, M/gamma], [M^T/gamma, D_o]]`` in (lines, others) order (``M`` the 0/1
+    pattern ``mask`` at ``idx``; ``D`` diagonal, positive) and ``w_o`` the other side's
+    weights: the system of `_schur_cg`, whose solution differs from that with the full
+    gauge term ``w w^T / gamma``, ``w = (a, -b)``, only along the gauge ``(1, -1)``.
+    The lines are eliminated (``D_l`` is diagonal) and the Schur complement ``S = D_o -
+    M^T D_l^{-1} M / gamma^2 + w_o w_o^T / gamma`` (``n_other x n_other``) is formed
+    densely and factored by Cholesky. (It had the full gauge term by Sherman-Morrison:
+    a second right-hand side, two more triangular solves per direction; under `vmap`
+    over 64 problems at ``n = 100``, ``k = 5``: 1119 → 1079 ms, medians of 4
+    interleaved runs, the same statuses, dual values equal to 2e-16.)
 
     A cost independent of the conditioning (conjugate gradient on these graph
     Laplacians takes from a few to hundreds of steps): under `jax.vmap` no problem
@@ -728,23 +732,15 @@ def _schur_solve(p: Problem, idx: Array, mask: Array, da: Array, db: Array, rhs)
     inv = 1.0 / p.gamma
     n_other = p.geom.shape[p.axis]
     dl, do = p._lines(da, db)
-    wl, wo = p._lines(p.a, -p.b)
+    wo = p._lines(p.a, p.b)[1]
     rl, ro = p._lines(*rhs)
     lines = jnp.arange(idx.shape[0])[:, None]
     m = jnp.zeros((idx.shape[0], n_other), mask.dtype).at[lines, idx].add(mask)  # dense M
-    s = jnp.diag(do) - (inv * inv) * (m.T / dl) @ m
-    chol = jax.scipy.linalg.cho_factor(s, lower=True)
-
-    def solve_b(zl, zo):
-        yo = jax.scipy.linalg.cho_solve(chol, zo - inv * ((zl / dl) @ m))
-        return (zl - inv * (m @ yo)) / dl, yo
-
-    xl, xo = solve_b(rl, ro)
-    yl, yo = solve_b(wl, wo)
-    coef = inv * (jnp.sum(wl * xl) + jnp.sum(wo * xo)) / (
-        1.0 + inv * (jnp.sum(wl * yl) + jnp.sum(wo * yo))
+    s = jnp.diag(do) + inv * jnp.outer(wo, wo) - (inv * inv) * (m.T / dl) @ m
+    zo = jax.scipy.linalg.cho_solve(
+        jax.scipy.linalg.cho_factor(s, lower=True), ro - inv * ((rl / dl) @ m)
     )
-    return p._join(xl - coef * yl, xo - coef * yo)
+    return p._join((rl - inv * (m @ zo)) / dl, zo)
 
 
 class _NewtonCarry(NamedTuple):

@@ -59,7 +59,7 @@ def run(quick: bool = False) -> str:
                         a, a, c, reg=gamma, reg_type="sparsity_constrained", max_nz=k, log=True
                     ),
                 },
-                reps=1 if n >= 1000 else 7,
+                reps=1 if n >= 1000 else 15,
             )
             _, log = outs["pot"]
             reg = ot.smooth.SparsityConstrained(max_nz=k, gamma=gamma)

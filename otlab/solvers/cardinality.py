@@ -438,11 +438,26 @@ def _compact(idx: Array, mask: Array, size: int, n_other: int) -> tuple[Array, A
     """The entries of the ``(lines, w)`` pattern where ``mask > 0`` as ``size`` flat
     ``(line, other)`` index pairs, in line order; the unused slots hold ``(lines,
     n_other)``, out of range (the segment sums drop them). Needs ``size >= (mask >
-    0).sum()``."""
+    0).sum()``.
+
+    Each entry's slot is its line's start (a prefix sum over the lines) plus its rank
+    within the line (a product with a ``w x w`` triangular 0/1 matrix), then one
+    scatter: `jnp.nonzero` over the ``lines * w`` flat pattern costs a prefix sum over
+    all of it, which XLA's CPU backend runs as a scan of ``log2`` passes (n = 200, k =
+    2: 31 against 16 us in the Newton loop)."""
     n_lines, w = mask.shape
-    pos = jnp.nonzero(mask.reshape(-1) > 0, size=size, fill_value=n_lines * w)[0]
-    others = jnp.where(pos < n_lines * w, idx.reshape(-1)[jnp.minimum(pos, n_lines * w - 1)], n_other)
-    return (pos // w).astype(idx.dtype), others.astype(idx.dtype)
+    on = mask > 0
+    count = jnp.sum(on, axis=1, dtype=jnp.int32)
+    start = jnp.cumsum(count) - count
+    rank = (on.astype(mask.dtype) @ jnp.triu(jnp.ones((w, w), mask.dtype), 1)).astype(jnp.int32)
+    slot = jnp.where(on, start[:, None] + rank, size).reshape(-1)  # out of range: dropped
+    lines = jnp.full((size,), n_lines, idx.dtype).at[slot].set(
+        jnp.repeat(jnp.arange(n_lines, dtype=idx.dtype), w), mode="drop"
+    )
+    others = jnp.full((size,), n_other, idx.dtype).at[slot].set(
+        idx.reshape(-1).astype(idx.dtype), mode="drop"
+    )
+    return lines, others
 
 
 def _schur_cg(p: Problem, idx: Array, mask: Array | None, da: Array, db: Array, rhs, *, tol,

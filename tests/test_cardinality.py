@@ -409,3 +409,33 @@ def test_stale_candidates_are_refreshed_line_by_line(x64):
     np.testing.assert_array_equal(both.idx[0], got.idx)
     np.testing.assert_array_equal(both.idx[1], fresh)  # kept: its certificate holds
     np.testing.assert_allclose(both.value[0], got.value, rtol=1e-14)
+
+
+def test_compact_lists_the_pattern_in_line_order():
+    """`_compact` gives the pattern's entries as flat ``(line, other)`` pairs in line
+    order (what the sorted segment sums of `_schur_cg` assume), the unused slots out of
+    range; also with empty and full lines, with the list exactly full, and under
+    `jax.vmap`."""
+    rng = np.random.default_rng(0)
+    n_lines, w, n_other = 7, 4, 9
+    idx = jnp.asarray(rng.integers(0, n_other, (n_lines, w)), jnp.int32)
+    masks = [rng.random((n_lines, w)) < 0.4 for _ in range(3)]
+    masks[1][2] = False  # an empty line
+    masks[1][4] = True  # a full one
+    for mask in masks:
+        lines, others = card._compact(idx, jnp.asarray(mask, jnp.float64), 20, n_other)
+        r, s = np.nonzero(mask)  # row-major: line order, then slot order within a line
+        count = len(r)
+        np.testing.assert_array_equal(lines[:count], r)
+        np.testing.assert_array_equal(others[:count], np.asarray(idx)[r, s])
+        assert np.all(np.asarray(lines[count:]) == n_lines)
+        assert np.all(np.asarray(others[count:]) == n_other)
+        exact = card._compact(idx, jnp.asarray(mask, jnp.float64), count, n_other)
+        np.testing.assert_array_equal(exact[0], r)
+    batched = jax.vmap(lambda m: card._compact(idx, m, 20, n_other))(
+        jnp.asarray(np.stack(masks), jnp.float64)
+    )
+    for b, mask in enumerate(masks):
+        alone = card._compact(idx, jnp.asarray(mask, jnp.float64), 20, n_other)
+        np.testing.assert_array_equal(batched[0][b], alone[0])
+        np.testing.assert_array_equal(batched[1][b], alone[1])

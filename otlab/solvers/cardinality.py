@@ -540,7 +540,8 @@ def _newton_direction(
     if reduced and _reducible(p.geom):
         # an iteration on the Schur complement does the work of two on the pair:
         # ``n + m`` of them match the pair's ``2 (n + m)`` (the cap is reached where
-        # no plan on the support meets the marginals: a singular, inconsistent system)
+        # no plan on the support meets the marginals, an inconsistent system, and
+        # where the relative 1e-12 lies below rounding and no ``atol`` is given)
         idx, mask, da, db = p._pattern(f, g, kink)
         maxiter = sum(p.geom.shape) if maxiter is None else maxiter
         return _schur_cg(p, idx, mask, da, db, rhs, tol=tol, maxiter=maxiter, atol=atol)

@@ -454,9 +454,7 @@ def _compact(idx: Array, mask: Array, size: int, n_other: int) -> tuple[Array, A
     lines = jnp.full((size,), n_lines, idx.dtype).at[slot].set(
         jnp.repeat(jnp.arange(n_lines, dtype=idx.dtype), w), mode="drop"
     )
-    others = jnp.full((size,), n_other, idx.dtype).at[slot].set(
-        idx.reshape(-1).astype(idx.dtype), mode="drop"
-    )
+    others = jnp.full((size,), n_other, idx.dtype).at[slot].set(idx.reshape(-1), mode="drop")
     return lines, others
 
 

@@ -226,6 +226,84 @@ def test_ties_with_uniform_weights_end_success(x64):
     assert 0 <= float(sol.duality_gap) <= 1e-3 * abs(ref)
 
 
+def _assignment_cost(c, cap):
+    """The cheapest assignment of the rows of ``c``, column ``j`` taking ``cap[j]`` of
+    them (SciPy's Hungarian method on the columns repeated)."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(np.repeat(c, cap, axis=1))
+    return c[rows, np.repeat(np.arange(c.shape[1]), cap)[cols]].sum()
+
+
+@pytest.mark.parametrize("case", ["square", "capacities"])
+def test_k1_with_whole_units_is_the_optimal_assignment(x64, case):
+    """Regression (issue #13): at k = 1 with uniform weights (square) or whole units
+    (row-wise, column ``j`` taking ``cap_j`` rows) a plan is an assignment, and one always
+    exists. At a tie of the dual's optimum its top-1 support is not one: before the
+    auction (`card._auction_support`) these seeds ended ``MAX_ITER`` with marginal errors
+    0.21 (square, seed 34) and 0.41 (capacities, seed 9). Now the plan is the optimal
+    assignment (SciPy's), the dual value its cost, and the status ``SUCCESS``."""
+    if case == "square":
+        x, y, a, b = _problem(34, n=N, m=N, uniform=True)
+        axis, cap = 0, np.ones(N, int)
+    else:
+        x, y, a, _ = _problem(9, uniform=True)
+        axis, cap = 1, np.array([2] * 5 + [1] * 20)
+        b = cap / N
+    c = ot.dist(x, y)
+    gamma = 0.1 * c.mean()
+    sol = jax.jit(
+        lambda c: otlab.cardinality_constrained(c, a, b, k=1, gamma=gamma, axis=axis)
+    )(jnp.asarray(c))
+    assert int(sol.status) == otlab.Status.SUCCESS
+    plan = np.asarray(sol.plan())
+    assert ((plan > 0).sum(axis=axis) == 1).all()  # one entry per line
+    np.testing.assert_allclose(plan.sum(1), a, atol=1e-12)
+    np.testing.assert_allclose(plan.sum(0), b, atol=1e-12)
+    lines = c if axis == 1 else c.T  # lines x others
+    best = _assignment_cost(lines, cap) / N + 0.5 * gamma * N / N**2
+    np.testing.assert_allclose(float(sol.reg_cost), best, rtol=1e-12)
+    np.testing.assert_allclose(float(sol.dual_value), best, rtol=1e-10)
+    assert abs(float(sol.duality_gap)) <= 1e-10 * best
+
+
+def test_auction_breaks_exact_ties(x64):
+    """Every entry tied (a constant cost, the optimal prices): every line's top-1 is the
+    same point. The auction assigns each point its ``cap`` lines; weights that are not
+    whole units are left alone (``done`` false)."""
+    for n_other, cap in [(6, 1), (3, 2)]:
+        a, b = jnp.full(6, 1 / 6), jnp.full(n_other, cap / 6)
+        p = card.Problem(otlab.Geometry(jnp.zeros((6, n_other))), a, b, jnp.asarray(1.0), 1, 1)
+        idx, done, _ = card._auction_support(p, jnp.zeros(6), jnp.zeros(n_other))
+        assert bool(done)
+        np.testing.assert_array_equal(np.bincount(np.asarray(idx[:, 0]), minlength=n_other), cap)
+    p = card.Problem(otlab.Geometry(jnp.zeros((6, 4))), a, jnp.full(4, 0.25), jnp.asarray(1.0), 1, 1)
+    assert not bool(card._auction_support(p, jnp.zeros(6), jnp.zeros(4))[1])
+
+
+def test_k1_auction_online_and_vmap(x64):
+    """The auction goes through the geometry layer (online point clouds: no ``n x m``
+    matrix) and under `vmap` gives each problem its own answer."""
+    probs = [_problem(s, n=N, m=N, uniform=True) for s in (34, 0)]
+    x, y, a, b = probs[0]
+    gamma = 0.1 * float(ot.dist(x, y).mean())
+    dense = otlab.cardinality_constrained(jnp.asarray(ot.dist(x, y)), a, b, k=1, gamma=gamma)
+    online = otlab.PointCloud(jnp.asarray(x), jnp.asarray(y), block_size=7)
+    onl = otlab.cardinality_constrained(online, a, b, k=1, gamma=gamma)
+    assert int(onl.status) == otlab.Status.SUCCESS
+    np.testing.assert_allclose(float(onl.dual_value), float(dense.dual_value), rtol=1e-10)
+    np.testing.assert_allclose(onl.plan(), dense.plan(), atol=1e-12)
+    cs = jnp.asarray(np.stack([ot.dist(p[0], p[1]) for p in probs]))
+    solve = lambda c: otlab.cardinality_constrained(c, a, b, k=1, gamma=gamma)  # noqa: E731
+    batched = jax.vmap(solve)(cs)
+    for i in range(2):
+        one = solve(cs[i])
+        assert int(batched.status[i]) == int(one.status) == otlab.Status.SUCCESS
+        np.testing.assert_allclose(batched.dual_value[i], one.dual_value, rtol=1e-10)
+        np.testing.assert_allclose(jax.tree.map(lambda z, i=i: z[i], batched).plan(), one.plan(),
+                                   atol=1e-12)
+
+
 def test_too_sparse_is_infeasible(x64):
     # 5 columns with one entry each cannot cover 8 rows of positive weight
     c = jnp.asarray(np.random.default_rng(0).uniform(size=(8, 5)))

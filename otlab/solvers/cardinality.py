@@ -1202,7 +1202,165 @@ def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol):
         f2, g2 = f + p.gamma * (p.a - row), g
     else:
         f2, g2 = f, g + p.gamma * (p.b - col)
-    return if_any(~ok, lambda s: p.topk(f2, g2), support), (f1, g1)
+
+    def fallback(_):
+        return p.topk(f2, g2)
+
+    if p.k != 1:
+        return if_any(~ok, fallback, support), (f1, g1), (f, g), jnp.asarray(False)
+
+    # k = 1 with whole units: the plan is an assignment. The auction gives a feasible
+    # support where the first is not, and a dual point of its own (phase 1 can stop
+    # short of the optimum at ties: see `_auction_support`)
+    def auction(c):
+        assigned, done, dual = _auction_support(p, f, g)
+        keep = lambda x, y: jnp.where(done, x, y)  # noqa: E731
+        return (keep(jnp.where(ok, support, assigned), c[0]), jax.tree.map(keep, dual, c[1]),
+                done)
+
+    support, dual, auctioned = if_any(
+        _unit_capacities(p)[0], auction, (support, (f, g), jnp.asarray(False))
+    )
+    return if_any(~(ok | auctioned), fallback, support), (f1, g1), dual, auctioned
+
+
+def _unit_capacities(p: Problem):
+    """``(ok, unit, cap)``: whether every line has the same weight ``unit`` and every
+    point on the other side a whole number ``cap`` of units (``sum(cap)`` = lines),
+    within ``1e-6`` relative: where a ``k = 1`` plan is an assignment of whole lines."""
+    wl, wo = p._lines(p.a, p.b)
+    unit = jnp.mean(wl)
+    cap = jnp.round(wo / unit)
+    close = lambda x, y: jnp.all(jnp.abs(x - y) <= 1e-6 * unit)  # noqa: E731
+    ok = close(wl, unit) & close(wo, cap * unit) & (jnp.sum(cap) == wl.shape[0]) & (unit > 0)
+    return ok, unit, cap.astype(jnp.int32)
+
+
+_AUCTION_EPS = 1e-9
+_AUCTION_PHASES = 7
+
+
+def _auction_support(p: Problem, f: Array, g: Array, *, candidates: int = 8,
+                     max_rounds: int | None = None):
+    """A ``k = 1`` support on which the plan meets the marginals, where the weights
+    allow one (`_unit_capacities`): each line assigned to one point on the other side,
+    point ``o`` receiving exactly ``cap_o`` lines. Returns ``(lines, 1)`` indices and
+    whether every line was assigned.
+
+    Bertsekas' auction (Jacobi bidding; the other side's points copied ``cap_o``
+    times), its prices started at the dual potentials (``-v``): the dual's optimum is a
+    near-optimal set of prices, and at a tie only the few lines that compete for a point
+    bid more than once. Each unassigned line bids for the cheapest copy of its best
+    point, raising its price by the line's margin over its second-best choice plus
+    ``eps``; the highest bid wins and the former holder bids again in the next round.
+    Epsilon scaling: ``eps`` starts at ``8^7 * 1e-9 * gamma * unit`` (at the dual's
+    optimum a kept entry's score is ``gamma * unit``) and, each time every line holds a
+    copy, shrinks 8-fold, the lines then more than ``eps`` below their best choice
+    bidding again, down to ``eps_final = 1e-9 * gamma * unit``: the assignment is then
+    within ``eps_final`` per line of the best. The bids first run over each line's
+    ``candidates`` best points at the start (a ``(lines, candidates)`` problem: a round
+    costs microseconds); one pass over the ``n x m`` scores (`otlab.Geometry.max_score`)
+    then checks that no line prefers a point outside its candidates by more than
+    ``eps``, and where one does the auction goes on over every point (a top-2 pass per
+    round). At most ``max_rounds`` rounds each (default ``32 * lines``): from a start far
+    from the optimal prices with many exact ties (a constant cost after a poor phase 1)
+    the rounds can run out, and the solver's status then says so.
+
+    Also returns the dual point the final prices give: each point's potential is minus
+    its dearest copy's price, each line's such that its best score is ``gamma * unit``.
+    """
+    ok, unit, cap = _unit_capacities(p)
+    u, v = p._lines(f, g)
+    n_lines, n_other = u.shape[0], v.shape[0]
+    max_rounds = 32 * n_lines if max_rounds is None else max_rounds
+    obj = jnp.repeat(jnp.arange(n_other), jnp.maximum(cap, 0), total_repeat_length=n_lines)
+    copies = jnp.arange(n_lines)
+    lines = jnp.arange(n_lines)
+    eps_final = _AUCTION_EPS * p.gamma * unit
+    zero = jnp.zeros_like(u)
+    inf = jnp.asarray(jnp.inf, u.dtype)
+
+    def cheapest(price):  # each point's cheapest copy, its price and the next one's
+        low = jax.ops.segment_min(price, obj, n_other)
+        first = jax.ops.segment_min(jnp.where(price == low[obj], copies, n_lines), obj, n_other)
+        low2 = jax.ops.segment_min(jnp.where(copies == first[obj], inf, price), obj, n_other)
+        return low, first, low2
+
+    def auction(top2, c):
+        """Rounds until every line holds a copy at the final ``eps``; ``top2(low)``:
+        each line's best point, its value ``-C - low`` and the second-best value."""
+
+        def body(c):
+            (price, owner, assign, eps), r = c
+            low, first, low2 = cheapest(price)
+            o1, v1, v2 = top2(low)
+            # epsilon scaling: once every line holds a copy, eps shrinks 8-fold and the
+            # lines no longer within it of their best choice bid again
+            held = jnp.maximum(assign, 0)
+            value = -p.line_costs(obj[held][:, None])[:, 0] - price[held]
+            nxt = jnp.all(assign >= 0)
+            eps = jnp.where(nxt, eps / 8, eps)
+            out = nxt & (value < v1 - eps)
+            owner = owner.at[jnp.where(out, held, n_lines)].set(-1, mode="drop")
+            assign = jnp.where(out, -1, assign)
+            v2 = jnp.maximum(v2, v1 - low2[o1] + low[o1])  # o1's second copy
+            margin = jnp.where(jnp.isfinite(v2), v1 - v2, 0.0)
+            bidding = assign < 0
+            target = jnp.where(bidding, first[o1], n_lines)  # out of range: dropped
+            at = jnp.minimum(target, n_lines - 1)
+            amount = price[at] + margin + eps
+            top = jax.ops.segment_max(jnp.where(bidding, amount, -inf), target, n_lines)
+            win = jax.ops.segment_min(
+                jnp.where(bidding & (amount >= top[at]), lines, n_lines), target, n_lines
+            )
+            won = win < n_lines
+            drop = jnp.where(won & (owner >= 0), owner, n_lines)
+            assign = assign.at[drop].set(-1, mode="drop")
+            assign = assign.at[jnp.where(won, win, n_lines)].set(copies, mode="drop")
+            return (jnp.where(won, top, price), jnp.where(won, win, owner), assign, eps), r + 1
+
+        def more(c):
+            (_, _, assign, eps), r = c
+            return (jnp.any(assign < 0) | (eps > eps_final)) & (r < max_rounds) & ok
+
+        return jax.lax.while_loop(more, body, (c, jnp.asarray(0)))[0]
+
+    def best_two(val, idx):
+        o1 = jnp.take_along_axis(idx, jnp.argmax(val, axis=1)[:, None], axis=1)[:, 0]
+        v1 = jnp.max(val, axis=1)
+        if val.shape[1] == 1:
+            return o1, v1, jnp.full_like(v1, -inf)
+        return o1, v1, jnp.max(jnp.where(idx == o1[:, None], -inf, val), axis=1)
+
+    # over each line's candidates
+    cand = dataclasses.replace(p, k=min(candidates, n_other), support=None).topk(f, g)
+    c_cand = p.line_costs(cand)
+    c0 = (-v[obj], jnp.full(n_lines, -1), jnp.full(n_lines, -1),
+          eps_final * 8.0**_AUCTION_PHASES)
+    c = auction(lambda low: best_two(-c_cand - low[cand], cand), c0)
+
+    # the certificate: no line prefers a point outside its candidates by more than eps
+    price, _, assign, eps = c
+    held = jnp.maximum(assign, 0)
+    value = -p.line_costs(obj[held][:, None])[:, 0] - price[held]
+    best = p.geom.max_score(*p._join(zero, -cheapest(price)[0]), p.axis)
+    fine = jnp.all(assign >= 0) & jnp.all(value >= best - eps)
+    two = dataclasses.replace(p, k=min(2, n_other), support=None)
+
+    def top2(low):
+        fv = p._join(zero, -low)
+        idx = two.topk(*fv)
+        return best_two(two.scores(*fv, idx), idx)
+
+    # the auction over every point, from where it stands
+    price, _, assign, _ = if_any(ok & ~fine, lambda c: auction(top2, c), c)
+    done = ok & jnp.all(assign >= 0)
+    # the dual point the prices give: each point's potential minus its dearest copy's
+    # price, each line's such that its best score is ``gamma * unit`` (a kept entry's)
+    v_a = -jax.ops.segment_max(price, obj, n_other)
+    v_a = jnp.where(jnp.isfinite(v_a), v_a, jnp.min(jnp.where(jnp.isfinite(v_a), v_a, jnp.inf)))
+    u_a = p.gamma * unit - p.geom.max_score(*p._join(zero, v_a), p.axis)
+    return obj[jnp.maximum(assign, 0)][:, None].astype(jnp.int32), done, p._join(u_a, v_a)
 
 
 @functools.partial(
@@ -1231,7 +1389,13 @@ def _solve(
     support = problem.topk(f1, g1)  # one top-k pass serves the value and phase 2
     dual_value = problem.dual(f1, g1, support)  # envelope: d/dC = -plan, d/da = f
     # Phase 2: the support of the dual's plan, fixed; implicit gradients of this problem.
-    support, start = _feasible_support(jax.lax.stop_gradient(problem), f1, g1, support, tol)
+    support, start, (fa, ga), auctioned = _feasible_support(
+        jax.lax.stop_gradient(problem), f1, g1, support, tol
+    )
+    if k == 1:  # the auction's prices give a dual point of their own: the better bound
+        alt = problem.dual(fa, ga)
+        better = auctioned & (alt > dual_value)
+        dual_value = jnp.where(better, alt, dual_value)
     restricted = dataclasses.replace(problem, support=support)
     f, g, _ = implicit.solve(
         functools.partial(_refine, tol=tol, max_steps=50), restricted, start, implicit_diff
@@ -1243,6 +1407,14 @@ def _solve(
     status = jnp.where(
         (opt_status == Status.SUCCESS) & met, Status.SUCCESS, Status.MAX_ITER
     )
+    if k == 1:
+        # where the auction ran, its dual point certifies the plan: the status is that
+        # of the duality gap (weak duality: no feasible plan costs less than the dual)
+        reg = jnp.sum(vals * restricted.line_costs(idx)) + 0.5 * problem.gamma * jnp.sum(vals**2)
+        gap_ok = reg - dual_value <= tol * (jnp.abs(dual_value) + jnp.abs(reg))
+        status = jnp.where(
+            auctioned, jnp.where(met & gap_ok, Status.SUCCESS, Status.MAX_ITER), status
+        )
     finite = (
         jnp.isfinite(err) & jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
         & jnp.isfinite(dual_value)

@@ -265,6 +265,13 @@ def test_k1_with_whole_units_is_the_optimal_assignment(x64, case):
     np.testing.assert_allclose(float(sol.reg_cost), best, rtol=1e-12)
     np.testing.assert_allclose(float(sol.dual_value), best, rtol=1e-10)
     assert abs(float(sol.duality_gap)) <= 1e-10 * best
+    if case == "square":  # float32: the auction's eps stays above the prices' rounding
+        f32 = otlab.cardinality_constrained(
+            jnp.asarray(c, jnp.float32), jnp.asarray(a, jnp.float32),
+            jnp.asarray(b, jnp.float32), k=1, gamma=gamma,
+        )
+        assert int(f32.status) == otlab.Status.SUCCESS
+        np.testing.assert_array_equal(np.asarray(f32.plan()) > 0, plan > 0)
 
 
 def test_auction_breaks_exact_ties(x64):

@@ -780,7 +780,7 @@ class _NewtonCarry(NamedTuple):
 
 def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
             stage_iter=60, stage_tol=1e-3, patience=3, max_backtrack=20,
-            tie_vtol=1e-8, kp_tol=1e-6):
+            tie_vtol=1e-8, kp_tol=1e-6, keep_iter=None):
     """Maximise ``D`` by a globalised semismooth Newton method (Lorenz, Manns & Meyer
     2021 for quadratically regularised OT), the support recomputed at every step,
     along a continuation in ``gamma``.
@@ -855,8 +855,10 @@ def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
         ps = dataclasses.replace(p, gamma=p.gamma * factor ** jnp.maximum(stages - s, 0))
         final = s >= stages
         stol = jnp.where(final, jnp.where(s > stages, tol, kp_stage_tol), stage_tol)
-        return (ps, jnp.where(s > stages, keep, p.k), stol * total_mass,
-                jnp.where(final, max_iter, stage_iter))
+        cap = jnp.where(final, max_iter, stage_iter)
+        if keep_iter is not None:
+            cap = jnp.where(s > stages, keep_iter, cap)
+        return ps, jnp.where(s > stages, keep, p.k), stol * total_mass, cap
 
     def direction(ps: Problem, x: _State, lam: Array, fresh: Array):
         """The damped Newton direction at ``x`` and ``<grad D, d>`` (zero unless
@@ -945,7 +947,7 @@ def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
         # a new stage first re-evaluates x (its gamma, its entries kept); a stage
         # that starts at its tolerance takes no step
         restart = c.restart
-        skip = ~restart & (x.err <= gtol_s)
+        skip = ~restart & ((x.err <= gtol_s) | (cap_s == 0))
         fresh = (c.halvings == 0) & ~skip & ~restart
         d, slope = if_any(
             fresh, lambda _: direction(ps, x, c.lam, fresh), (c.d, c.slope)
@@ -1041,9 +1043,14 @@ def _phase1(problem: Problem, init, *, method, formulation, tol, max_iter, memor
         # such kinks, and from its optimum the k-sparse run has few supports to fix.
         # (a whole line's top-k indices come unsorted: keep k' below the line length)
         k_pre = max(p.k, min(p.geom.shape[p.axis] - 1, 4 * p.k + 1))
+        # k = 1 with whole units: the auction (`_feasible_support`) takes the k' optimum
+        # to the assignment and certifies it; the k = 1 stage is skipped
+        keep_iter = (
+            jnp.where(_unit_capacities(p)[0], 0, max_iter) if p.k == 1 else None
+        )
         f, g, status, it = _newton(
             dataclasses.replace(p, k=k_pre), x0, keep=p.k, tol=tol, vtol=vtol,
-            max_iter=max_iter,
+            max_iter=max_iter, keep_iter=keep_iter,
         )
         if formulation == "semi_dual":  # the line potential the semi-dual implies
             f, g = p._join(p.implied_line_potential(f, g), p._lines(f, g)[1])
@@ -1299,7 +1306,7 @@ def _auction_support(p: Problem, f: Array, g: Array, *, candidates: int = 8,
             held = jnp.maximum(assign, 0)
             value = -p.line_costs(obj[held][:, None])[:, 0] - price[held]
             nxt = jnp.all(assign >= 0)
-            eps = jnp.where(nxt, eps / 8, eps)
+            eps = jnp.where(nxt, jnp.maximum(eps / 8, eps_final), eps)
             out = nxt & (value < v1 - eps)
             owner = owner.at[jnp.where(out, held, n_lines)].set(-1, mode="drop")
             assign = jnp.where(out, -1, assign)
@@ -1335,8 +1342,11 @@ def _auction_support(p: Problem, f: Array, g: Array, *, candidates: int = 8,
     # over each line's candidates
     cand = dataclasses.replace(p, k=min(candidates, n_other), support=None).topk(f, g)
     c_cand = p.line_costs(cand)
+    # the rounding of the values -C - price: eps stays well above it (float32)
+    floor = 16 * jnp.finfo(u.dtype).eps * (jnp.max(jnp.abs(v)) + jnp.max(jnp.abs(c_cand)))
+    eps_final = jnp.maximum(eps_final, floor)
     c0 = (-v[obj], jnp.full(n_lines, -1), jnp.full(n_lines, -1),
-          eps_final * 8.0**_AUCTION_PHASES)
+          jnp.maximum(_AUCTION_EPS * p.gamma * unit * 8.0**_AUCTION_PHASES, eps_final))
     c = auction(lambda low: best_two(-c_cand - low[cand], cand), c0)
 
     # the certificate: no line prefers a point outside its candidates by more than eps
@@ -1455,7 +1465,11 @@ def cardinality_constrained(
         b: ``(m,)`` target weights (traced); default uniform. ``sum a = sum b``.
         k: static. At most ``k`` nonzeros per column (``axis=0``: ``1 <= k <= n``)
             or per row (``axis=1``: ``1 <= k <= m``). ``k = n`` (``m``) is
-            quadratically regularised OT.
+            quadratically regularised OT. ``k = 1`` with equal line weights and a
+            whole number of them on each point of the other side (uniform square
+            weights; capacity-limited routing) is an assignment problem: the plan is
+            the optimal assignment, found by an auction from the dual's prices, and
+            ``SUCCESS`` means its duality gap is within ``tol`` (relative).
         gamma: quadratic regularisation ``> 0`` (traced); default
             ``0.1 * mean(C)`` (under ``stop_gradient``).
         method: static. ``"newton"`` (the default: semismooth Newton on the dual
@@ -1476,8 +1490,8 @@ def cardinality_constrained(
             the marginals is ~1e-5) or ``1e-10`` (float64).
         max_iter: static cap on L-BFGS iterations (default 1000) or, with Newton,
             on each of its two runs at the final ``gamma`` (``4k + 1`` entries per
-            line, then ``k``; default 100; the larger ``gamma`` stages run at most
-            60 steps each).
+            line, then ``k``, a run skipped where ``k = 1`` is an assignment;
+            default 100; the larger ``gamma`` stages run at most 60 steps each).
         memory: static L-BFGS memory size.
         init: initial potentials ``(f0, g0)`` (no gradient flows through them);
             default zeros.

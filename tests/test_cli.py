@@ -34,6 +34,10 @@ def test_demo_small(tmp_path, capsys):
     assert "otlab sns" in out and "init=auto" in out
     line = next(q for q in out.splitlines() if q.startswith("MoE routing"))
     assert int(re.search(r"\(max (\d+) tokens/expert", line).group(1)) <= 20  # the capacity
+    line = next(q for q in out.splitlines() if q.startswith("assignment (k = 1"))
+    assert "SUCCESS, a permutation: True" in line, line
+    cost, best = map(float, re.search(r"cost ([0-9.]+) vs .* assignment ([0-9.]+),", line).groups())
+    np.testing.assert_allclose(cost, best, rtol=1e-4)
     line = next(q for q in out.splitlines() if q.startswith("large online solve"))
     assert line.count("SUCCESS") == 2, line
     line = next(q for q in out.splitlines() if q.startswith("ragged batch"))

@@ -311,6 +311,23 @@ def test_k1_auction_online_and_vmap(x64):
                                    atol=1e-12)
 
 
+def test_constant_cost_falls_back_to_lbfgs(x64):
+    """Regression (issue #13): with a constant cost every entry is tied, each Newton
+    step's top-k sends every line to the same few points and no step is an ascent;
+    phase 1 ended below its own start (dual values -0.59 and -0.19 at k = 1 and 2
+    against 0.0017 and 0.0008). Newton now hands over to L-BFGS there. At k = 1 the
+    auction then finds an assignment (a permutation)."""
+    for k in (1, 2):
+        sol = otlab.cardinality_constrained(jnp.zeros((N, N)), k=k, gamma=0.1)
+        # the optimum spreads each column over k rows: (gamma / 2) N k (1 / (N k))^2
+        np.testing.assert_allclose(float(sol.dual_value), 0.1 / (2 * k * N), rtol=1e-8)
+        assert bool(sol.converged) == (float(sol.marginal_error) <= 1e-10)
+        if k == 1:
+            assert int(sol.status) == otlab.Status.SUCCESS
+            plan = np.asarray(sol.plan())
+            assert ((plan > 0).sum(0) == 1).all() and ((plan > 0).sum(1) == 1).all()
+
+
 def test_too_sparse_is_infeasible(x64):
     # 5 columns with one entry each cannot cover 8 rows of positive weight
     c = jnp.asarray(np.random.default_rng(0).uniform(size=(8, 5)))

@@ -1052,6 +1052,21 @@ def _phase1(problem: Problem, init, *, method, formulation, tol, max_iter, memor
             dataclasses.replace(p, k=k_pre), x0, keep=p.k, tol=tol, vtol=vtol,
             max_iter=max_iter, keep_iter=keep_iter,
         )
+
+        # Newton ending below its own start has failed (massive ties: with a constant
+        # cost every line's top-k picks the same points and no step along the Newton
+        # direction is an ascent): L-BFGS on the dual from the start instead, which
+        # needs only its gradient
+        def first_order(c):
+            (fl, gl), sl, il = _lbfgs(
+                lambda z: -p.dual(*z), x0, tol=vtol, gtol=gtol, max_iter=10 * max_iter,
+                memory=memory,
+            )
+            return fl, gl, sl.astype(c[2].dtype), c[3] + il
+
+        f, g, status, it = if_any(
+            ~(p.dual(f, g) >= p.dual(*x0)), first_order, (f, g, status, it)
+        )
         if formulation == "semi_dual":  # the line potential the semi-dual implies
             f, g = p._join(p.implied_line_potential(f, g), p._lines(f, g)[1])
     elif formulation == "dual":
@@ -1269,9 +1284,9 @@ def _auction_support(p: Problem, f: Array, g: Array, *, candidates: int = 8,
     costs microseconds); one pass over the ``n x m`` scores (`otlab.Geometry.max_score`)
     then checks that no line prefers a point outside its candidates by more than
     ``eps``, and where one does the auction goes on over every point (a top-2 pass per
-    round). At most ``max_rounds`` rounds each (default ``32 * lines``): from a start far
-    from the optimal prices with many exact ties (a constant cost after a poor phase 1)
-    the rounds can run out, and the solver's status then says so.
+    round, from the start again). At most ``max_rounds`` rounds each (default ``64 *
+    lines + 256``): with many exact ties (a constant cost) the rounds can run out, and
+    the solver's status then says so.
 
     Also returns the dual point the final prices give: each point's potential is minus
     its dearest copy's price, each line's such that its best score is ``gamma * unit``.
@@ -1279,7 +1294,9 @@ def _auction_support(p: Problem, f: Array, g: Array, *, candidates: int = 8,
     ok, unit, cap = _unit_capacities(p)
     u, v = p._lines(f, g)
     n_lines, n_other = u.shape[0], v.shape[0]
-    max_rounds = 32 * n_lines if max_rounds is None else max_rounds
+    # rounds: the candidates' (a few microseconds each) and the top-2 passes' (one n x m
+    # pass each); exact ties cost ~8 rounds per line and eps phase
+    max_rounds = 64 * n_lines + 256 if max_rounds is None else max_rounds
     obj = jnp.repeat(jnp.arange(n_other), jnp.maximum(cap, 0), total_repeat_length=n_lines)
     copies = jnp.arange(n_lines)
     lines = jnp.arange(n_lines)
@@ -1293,7 +1310,7 @@ def _auction_support(p: Problem, f: Array, g: Array, *, candidates: int = 8,
         low2 = jax.ops.segment_min(jnp.where(copies == first[obj], inf, price), obj, n_other)
         return low, first, low2
 
-    def auction(top2, c):
+    def auction(top2, c, max_rounds):
         """Rounds until every line holds a copy at the final ``eps``; ``top2(low)``:
         each line's best point, its value ``-C - low`` and the second-best value."""
 
@@ -1347,7 +1364,7 @@ def _auction_support(p: Problem, f: Array, g: Array, *, candidates: int = 8,
     eps_final = jnp.maximum(eps_final, floor)
     c0 = (-v[obj], jnp.full(n_lines, -1), jnp.full(n_lines, -1),
           jnp.maximum(_AUCTION_EPS * p.gamma * unit * 8.0**_AUCTION_PHASES, eps_final))
-    c = auction(lambda low: best_two(-c_cand - low[cand], cand), c0)
+    c = auction(lambda low: best_two(-c_cand - low[cand], cand), c0, max_rounds)
 
     # the certificate: no line prefers a point outside its candidates by more than eps
     price, _, assign, eps = c
@@ -1362,8 +1379,11 @@ def _auction_support(p: Problem, f: Array, g: Array, *, candidates: int = 8,
         idx = two.topk(*fv)
         return best_two(two.scores(*fv, idx), idx)
 
-    # the auction over every point, from where it stands
-    price, _, assign, _ = if_any(ok & ~fine, lambda c: auction(top2, c), c)
+    # else the auction over every point, from the start: a candidate set that misses the
+    # answer (every line's the same few points, at exact ties) leaves its points' prices
+    # inflated by a long bidding war
+    if cand.shape[1] < n_other:  # (else the candidates were every point)
+        price, _, assign, _ = if_any(ok & ~fine, lambda _: auction(top2, c0, max_rounds), c)
     done = ok & jnp.all(assign >= 0)
     # the dual point the prices give: each point's potential minus its dearest copy's
     # price, each line's such that its best score is ``gamma * unit`` (a kept entry's)

@@ -169,6 +169,10 @@ class Problem:
         idx = self.topk(f, g)
         return idx, jax.nn.relu(self.scores(f, g, idx)) / self.gamma
 
+    def primal(self, idx: Array, vals: Array) -> Array:
+        """``<C, T> + (gamma / 2) |T|^2`` of the sparse plan ``(idx, vals)``."""
+        return jnp.sum(vals * self.line_costs(idx)) + 0.5 * self.gamma * jnp.sum(vals**2)
+
     def _sums(self, idx: Array, vals: Array) -> tuple[Array, Array]:
         """``(T 1, T^T 1)`` of the sparse matrix ``(idx, vals)``."""
         n, m = self.geom.shape
@@ -329,7 +333,7 @@ class CardinalitySolution:
     @property
     def reg_cost(self) -> Array:
         """Primal objective ``<C, T> + (gamma / 2) |T|^2`` of the returned plan."""
-        return self.cost + 0.5 * self.gamma * jnp.sum(self.values**2)
+        return self._problem().primal(self.indices, self.values)
 
     @property
     def duality_gap(self) -> Array:
@@ -1316,6 +1320,10 @@ def _auction_support(p: Problem, f: Array, g: Array, *, candidates: int = 8,
         low2 = jax.ops.segment_min(jnp.where(copies == first[obj], inf, price), obj, n_other)
         return low, first, low2
 
+    def held_value(price, assign):  # each line's value -C - price of the copy it holds
+        held = jnp.maximum(assign, 0)
+        return held, -p.line_costs(obj[held][:, None])[:, 0] - price[held]
+
     def auction(top2, c, max_rounds):
         """Rounds until every line holds a copy at the final ``eps``; ``top2(low)``:
         each line's best point, its value ``-C - low`` and the second-best value."""
@@ -1326,8 +1334,7 @@ def _auction_support(p: Problem, f: Array, g: Array, *, candidates: int = 8,
             o1, v1, v2 = top2(low)
             # epsilon scaling: once every line holds a copy, eps shrinks 8-fold and the
             # lines no longer within it of their best choice bid again
-            held = jnp.maximum(assign, 0)
-            value = -p.line_costs(obj[held][:, None])[:, 0] - price[held]
+            held, value = held_value(price, assign)
             nxt = jnp.all(assign >= 0)
             eps = jnp.where(nxt, jnp.maximum(eps / 8, eps_final), eps)
             out = nxt & (value < v1 - eps)
@@ -1374,8 +1381,7 @@ def _auction_support(p: Problem, f: Array, g: Array, *, candidates: int = 8,
 
     # the certificate: no line prefers a point outside its candidates by more than eps
     price, _, assign, eps = c
-    held = jnp.maximum(assign, 0)
-    value = -p.line_costs(obj[held][:, None])[:, 0] - price[held]
+    _, value = held_value(price, assign)
     best = p.geom.max_score(*p._join(zero, -cheapest(price)[0]), p.axis)
     fine = jnp.all(assign >= 0) & jnp.all(value >= best - eps)
     two = dataclasses.replace(p, k=min(2, n_other), support=None)
@@ -1449,7 +1455,7 @@ def _solve(
     if k == 1:
         # where the auction ran, its dual point certifies the plan: the status is that
         # of the duality gap (weak duality: no feasible plan costs less than the dual)
-        reg = jnp.sum(vals * restricted.line_costs(idx)) + 0.5 * problem.gamma * jnp.sum(vals**2)
+        reg = restricted.primal(idx, vals)
         gap_ok = reg - dual_value <= tol * (jnp.abs(dual_value) + jnp.abs(reg))
         status = jnp.where(
             auctioned, jnp.where(met & gap_ok, Status.SUCCESS, Status.MAX_ITER), status

@@ -54,6 +54,63 @@ def alone_or_batched(alone, batched):
         (Array([0.5, 0.5, 0.5], dtype=float32), Array([0.5, 0.5, 0.5], dtype=float32))
     """
 
+    def rule(treedef, axis_size, in_batched, leaves):
+        leaves = [
+            x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
+            for x, b in zip(leaves, in_batched, strict=True)
+        ]
+        return jax.vmap(lambda *v: batched(*jax.tree.unflatten(treedef, v)))(*leaves)
+
+    return _custom_batched(alone, rule)
+
+
+def one_at_a_time_on_cpu(fn):
+    """A function that runs ``fn(*args)`` and, under `jax.vmap` on CPU, runs ``fn`` on
+    each problem of the batch in turn (`jax.lax.map`) instead of in lockstep; on other
+    platforms `jax.vmap` batches ``fn`` as usual.
+
+    For iterative solvers whose problems take different numbers of steps and whose
+    steps are many small operations: on CPU a batch run in lockstep waits for its
+    slowest problem, each rare branch (`if_any`) runs whenever one problem takes it,
+    and the CPU gains little from the wider operations, since it runs them one after
+    the other anyway. Mapped, each problem runs the single-problem program: the batch
+    costs the sum of its problems' solves, and its results are those of a Python loop
+    over them. An accelerator instead runs the batch's wide operations in parallel.
+    Not differentiable: the arguments are held under ``stop_gradient``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from otlab._control import one_at_a_time_on_cpu
+        >>> halve = one_at_a_time_on_cpu(lambda x: jax.lax.while_loop(
+        ...     lambda v: v > 1.0, lambda v: v / 2.0, x))
+        >>> jax.vmap(halve)(jnp.array([1.5, 8.0]))
+        Array([0.75, 1.  ], dtype=float32)
+    """
+
+    def rule(treedef, axis_size, in_batched, leaves):
+        mapped = [x for x, b in zip(leaves, in_batched, strict=True) if b]
+
+        def one(mapped):  # a problem's leaves: its own where batched, the shared ones
+            it = iter(mapped)
+            own = [next(it) if b else x for x, b in zip(leaves, in_batched, strict=True)]
+            return fn(*jax.tree.unflatten(treedef, own))
+
+        def vectorised(*mapped):
+            return jax.vmap(one)(list(mapped))
+
+        def sequential(*mapped):
+            return jax.lax.map(one, list(mapped))
+
+        return jax.lax.platform_dependent(*mapped, cpu=sequential, default=vectorised)
+
+    return _custom_batched(fn, rule)
+
+
+def _custom_batched(alone, rule):
+    """``alone`` with the batching rule ``rule(treedef, axis_size, in_batched,
+    leaves)``, which returns the batched outputs (every output batched along axis 0).
+    The arguments are held under ``stop_gradient``."""
+
     # the custom rule sees the arguments' leaves (a pytree such as a geometry may
     # check its fields when it is rebuilt from placeholders)
     def call(*args):
@@ -68,11 +125,7 @@ def alone_or_batched(alone, batched):
 
         @one.def_vmap
         def _rule(axis_size, in_batched, *leaves):
-            leaves = [
-                x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
-                for x, b in zip(leaves, in_batched, strict=True)
-            ]
-            out = jax.vmap(lambda *v: batched(*jax.tree.unflatten(treedef, v)))(*leaves)
+            out = rule(treedef, axis_size, in_batched, leaves)
             return out, jax.tree.map(lambda _: True, out)
 
         return one

@@ -65,7 +65,7 @@ import optax.tree_utils as otu
 
 from otlab import _checks, implicit
 from otlab import geometry as geometry_lib
-from otlab._control import alone_or_batched, if_any
+from otlab._control import alone_or_batched, if_any, one_at_a_time_on_cpu
 from otlab.geometry import GeometryLike
 from otlab.solution import Status
 
@@ -1425,18 +1425,22 @@ def _solve(
         tol = 1e-10 if dtype == jnp.float64 else 1e-4
     problem = Problem(geom, a, b, jnp.asarray(gamma, dtype), k, axis)
     # Phase 1: the dual's maximiser (no derivative of its own: the optimal value is
-    # differentiated by the envelope theorem, the plan through phase 2).
-    f1, g1, opt_status, n_iter = _phase1(
-        jax.lax.stop_gradient(problem), jax.lax.stop_gradient(init),
-        method=method, formulation=formulation, tol=tol, max_iter=max_iter, memory=memory,
-    )
+    # differentiated by the envelope theorem, the plan through phase 2). Under
+    # `jax.vmap` on CPU, phase 1 and the support's repair run one problem at a time
+    # (`one_at_a_time_on_cpu`: each problem stops at its own step count and takes only
+    # its own rare branches; 64 problems at n = 100, k = 5: 906 -> 365 ms, and with
+    # L-BFGS 37 -> 2.6 s, now faster than a Python loop of solves).
+    f1, g1, opt_status, n_iter = one_at_a_time_on_cpu(functools.partial(
+        _phase1, method=method, formulation=formulation, tol=tol, max_iter=max_iter,
+        memory=memory,
+    ))(problem, init)
     f1, g1 = problem.gauge(f1, g1)
     support = problem.topk(f1, g1)  # one top-k pass serves the value and phase 2
     dual_value = problem.dual(f1, g1, support)  # envelope: d/dC = -plan, d/da = f
     # Phase 2: the support of the dual's plan, fixed; implicit gradients of this problem.
-    support, start, (fa, ga), auctioned = _feasible_support(
-        jax.lax.stop_gradient(problem), f1, g1, support, tol
-    )
+    support, start, (fa, ga), auctioned = one_at_a_time_on_cpu(
+        functools.partial(_feasible_support, tol=tol)
+    )(problem, f1, g1, support)
     if k == 1:  # the auction's prices give a dual point of their own: the better bound
         alt = problem.dual(fa, ga)
         better = auctioned & (alt > dual_value)

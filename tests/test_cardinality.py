@@ -328,6 +328,51 @@ def test_constant_cost_falls_back_to_lbfgs(x64):
             assert ((plan > 0).sum(0) == 1).all() and ((plan > 0).sum(1) == 1).all()
 
 
+def test_entropic_start_same_answer_fewer_steps(x64):
+    """The default start of Newton (``init="entropic"``: potentials of entropic OT at
+    ``gamma / 2``) reaches the dual values of the zero start in fewer Newton steps;
+    a given start works the same way."""
+    steps = {"zeros": 0, "entropic": 0}
+    cases = [(seed, True, k) for seed in (0, 1) for k in (2, 5)] + [(s, False, 5) for s in range(3)]
+    for seed, uniform, k in cases:
+        x, y, a, b = _problem(seed, uniform=uniform)
+        c = jnp.asarray(ot.dist(x, y))
+        sols = {i: otlab.cardinality_constrained(c, a, b, k=k, gamma=0.2, init=i) for i in steps}
+        for i, sol in sols.items():
+            assert int(sol.status) == otlab.Status.SUCCESS, (seed, k, i)
+            steps[i] += int(sol.n_iter)
+        # (at ties the runs stop within 1e-8 of the optimum: `_newton`'s tie_vtol)
+        np.testing.assert_allclose(
+            float(sols["entropic"].dual_value), float(sols["zeros"].dual_value), rtol=1e-7
+        )
+    assert steps["entropic"] < steps["zeros"], steps
+    default = otlab.cardinality_constrained(c, a, b, k=5, gamma=0.2)
+    assert int(default.n_iter) == int(sols["entropic"].n_iter)
+    lbfgs = otlab.cardinality_constrained(c, a, b, k=5, gamma=0.2, method="lbfgs")
+    assert int(lbfgs.n_iter) == int(
+        otlab.cardinality_constrained(c, a, b, k=5, gamma=0.2, method="lbfgs", init="zeros").n_iter
+    )
+
+
+def test_a_start_whose_support_fails_reruns_from_zero(x64):
+    """Where the run from a start ends on ties with a support that admits no plan
+    meeting the marginals (here a constant cost at k = 2, the documented tie
+    limitation, where every run fails), the solve runs once more from zero: its answer
+    is the zero start's and ``n_iter`` counts both runs. A given start of zeros is the
+    zero start (one run)."""
+    c = jnp.ones((N, N))
+    zeros = otlab.cardinality_constrained(c, k=2, gamma=0.5, init="zeros")
+    assert int(zeros.status) == otlab.Status.MAX_ITER
+    for init in ("entropic", (jnp.full(N, 0.3), jnp.zeros(N))):
+        sol = otlab.cardinality_constrained(c, k=2, gamma=0.5, init=init)
+        assert int(sol.n_iter) > int(zeros.n_iter)
+        assert int(sol.status) == int(zeros.status)
+        np.testing.assert_allclose(float(sol.dual_value), float(zeros.dual_value), rtol=1e-10)
+        np.testing.assert_allclose(sol.plan(), zeros.plan(), atol=1e-10)
+    given = otlab.cardinality_constrained(c, k=2, gamma=0.5, init=(jnp.zeros(N), jnp.zeros(N)))
+    assert int(given.n_iter) == int(zeros.n_iter)
+
+
 def test_too_sparse_is_infeasible(x64):
     # 5 columns with one entry each cannot cover 8 rows of positive weight
     c = jnp.asarray(np.random.default_rng(0).uniform(size=(8, 5)))
@@ -337,9 +382,10 @@ def test_too_sparse_is_infeasible(x64):
 
 @pytest.mark.parametrize("n, m", [(N, M), (48, 40)])
 def test_vmap_equals_loop(x64, n, m):
-    """Also where the Newton direction is solved differently alone (conjugate
-    gradient) and under `vmap` (dense Cholesky): 32 < n <= 128 points on the other
-    side (`otlab._control.alone_or_batched`)."""
+    """Also at 32 < n <= 128 points on the other side, where off CPU a batch solves
+    the Newton directions by dense Cholesky and one problem by conjugate gradient
+    (`otlab._control.alone_or_batched`); on CPU each problem of the batch runs alone
+    (`otlab._control.one_at_a_time_on_cpu`)."""
     cs, ab = [], []
     for seed in range(3):
         x, y, a, b = _problem(10 + seed, n, m)
@@ -443,6 +489,8 @@ def test_nan_under_jit_is_nonfinite(x64):
         (dict(k=2, method="bfgs"), "method"),
         (dict(k=2, axis=2), "axis"),
         (dict(k=2, max_iter=0), "max_iter"),
+        (dict(k=2, init="warm"), "init"),
+        (dict(k=2, init=(np.zeros(N), np.zeros(N))), "init"),
     ],
 )
 def test_bad_inputs_raise(kwargs, name):

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from otlab import _dual
+from otlab._control import one_at_a_time_on_cpu
 
 __all__ = ["ImplicitDiff", "Problem", "gauge", "solve"]
 
@@ -132,7 +133,10 @@ def linear_solve(problem: _dual.Problem, f: Array, g: Array, rhs, cfg: ImplicitD
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _implicit(forward, cfg, problem, init):
-    f, g, aux = forward(problem, init)
+    # Under `jax.vmap` on CPU the forward iterations run one problem at a time: each
+    # stops at its own convergence with its kernel in cache, where a lockstep batch
+    # runs to its slowest problem and streams every kernel at every iteration.
+    f, g, aux = one_at_a_time_on_cpu(forward)(problem, init)
     f, g = _gauge(problem, f, g)
     return f, g, aux
 

@@ -32,7 +32,9 @@ The dual is maximised, by default (``method="newton"``), by a semismooth Newton
 method (Lorenz, Manns & Meyer, "Quadratically regularized optimal transport", 2021):
 on the current support the dual is quadratic with Hessian ``-(1/gamma) [[diag(M 1),
 M], [M^T, diag(M^T 1)]]``; it runs along a continuation in ``gamma`` and first with
-``4k + 1`` entries per line. ``method="lbfgs"`` maximises either formulation by
+``4k + 1`` entries per line, by default from the potentials of entropic OT at
+``gamma / 2`` (``init="entropic"``, with a rerun from zero where that run's support
+admits no feasible plan). ``method="lbfgs"`` maximises either formulation by
 optax's L-BFGS with its zoom line search. Both run in ``lax.while_loop`` under
 ``jax.jit``. The top-``k`` selection is a geometry
 primitive (`otlab.Geometry.topk`): dense, or online with a running top-``k`` per

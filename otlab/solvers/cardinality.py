@@ -1426,12 +1426,13 @@ def _entropic_start(p: Problem):
 def _dual_and_support(problem: Problem, init, *, start_from, method, formulation, tol, max_iter,
                       memory):
     """Phase 1 and the support of phase 2 (`_phase1`, `_feasible_support`), from
-    ``init`` (``start_from="zeros"`` or ``"given"``), or from the entropic start
-    (``"entropic"``), and, for a start other than zeros, where the dual's own support admits no plan
-    that meets the marginals (the first support of `_feasible_support` fails and no
-    auction certified another), once more from zero potentials. At ties the path
-    decides which optimal dual point phase 1 ends on, and so whether its support is
-    feasible: a warm start never leaves a worse support than the cold one.
+    ``init`` (``start_from="zeros"`` or ``"given"``) or from the entropic start
+    (``"entropic"``); from a start other than zeros, once more from zero potentials
+    where that run fails: phase 1 does not end ``SUCCESS``, or the dual's own support
+    admits no plan that meets the marginals (the first support of `_feasible_support`
+    fails) and no auction certified another. At ties the path decides which optimal
+    dual point phase 1 ends on, and so whether its support is feasible; where the warm
+    run fails, the answer is the cold start's.
 
     Returns ``(f, g, status, n_iter, the top-k support at (f, g), phase 2's support,
     its start, the auction's dual point, whether the auction ran)``; ``n_iter``
@@ -1445,7 +1446,8 @@ def _dual_and_support(problem: Problem, init, *, start_from, method, formulation
         f, g = problem.gauge(f, g)
         top = problem.topk(f, g)  # one top-k pass serves the dual value and phase 2
         support, begin, dual, auctioned, ok = _feasible_support(problem, f, g, top, tol)
-        return (f, g, status, it, top, support, begin, dual, auctioned), ok | auctioned
+        good = auctioned | (ok & (status == Status.SUCCESS))
+        return (f, g, status, it, top, support, begin, dual, auctioned), good
 
     if start_from == "zeros":
         return attempt(init)[0]
@@ -1593,10 +1595,10 @@ def cardinality_constrained(
             ``method="newton"``) starts from the potentials of entropic OT at
             ``epsilon = gamma / 2`` (`otlab.sinkhorn` to 1e-2, at most 200
             iterations); ``"zeros"`` (the default with ``"lbfgs"``) from zero. From
-            any start but zeros, where the dual's optimum lies on ties and its support
-            admits no plan that meets the marginals, the solve runs once more from
-            zero (its path through the ties decides the support), so a start never
-            leaves a worse answer than zeros; ``n_iter`` counts both runs.
+            any start but zeros, where that run fails (typically: the dual's optimum
+            lies on ties and its support admits no plan that meets the marginals; the
+            path through the ties decides the support), the solve runs once more from
+            zero and returns that run's answer; ``n_iter`` counts both runs.
         implicit_diff: options of the implicit backward pass (`otlab.ImplicitDiff`).
 
     Returns:

@@ -59,3 +59,16 @@ def test_one_at_a_time_on_cpu_runs_each_problem_alone():
     # held under stop_gradient, like `alone_or_batched`
     g = jax.grad(lambda x: jnp.sum(jax.vmap(f, (0, None))(x, y)["v"]) + jnp.sum(x))(xs)
     np.testing.assert_array_equal(g, 1.0)
+
+
+def test_one_at_a_time_off_cpu_is_a_lockstep_vmap():
+    """The accelerator branch (`lax.platform_dependent`'s default), lowered for CUDA on
+    this CPU-only machine: the batch's `while_loop` is vmapped (one loop), where the CPU
+    lowering maps the problems (a loop over them around each problem's loop)."""
+    f = one_at_a_time_on_cpu(
+        lambda x: jax.lax.while_loop(lambda v: v > 1.0, lambda v: v / 2.0, x)
+    )
+    traced = jax.jit(jax.vmap(f)).trace(jnp.array([1.5, 8.0]))
+    loops = {p: traced.lower(lowering_platforms=(p,)).as_text().count("stablehlo.while")
+             for p in ("cpu", "cuda")}  # fmt: skip
+    assert loops == {"cpu": 2, "cuda": 1}, loops

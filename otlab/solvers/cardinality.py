@@ -70,6 +70,7 @@ from otlab import geometry as geometry_lib
 from otlab._control import alone_or_batched, if_any, one_at_a_time_on_cpu
 from otlab.geometry import GeometryLike
 from otlab.solution import Status
+from otlab.solvers.sinkhorn import sinkhorn
 
 __all__ = ["CardinalitySolution", "Problem", "cardinality_constrained"]
 
@@ -1062,9 +1063,11 @@ def _phase1(problem: Problem, init, *, method, formulation, tol, max_iter, memor
         # Newton ending below its own start has failed (massive ties: with a constant
         # cost every line's top-k picks the same points and no step along the Newton
         # direction is an ascent): L-BFGS on the dual from the start instead, which
-        # needs only its gradient. A single problem only: under `jax.vmap` the check
-        # (a `while_loop` of at most one step around optax's L-BFGS) made a batch of 64
-        # problems (n = 100, k = 5) 20x slower although no problem needed it.
+        # needs only its gradient. Not in a lockstep batch: there the check (a
+        # `while_loop` of at most one step around optax's L-BFGS) made a batch of 64
+        # problems (n = 100, k = 5) 20x slower although no problem needed it. (On CPU a
+        # vmapped batch runs phase 1 one problem at a time, `one_at_a_time_on_cpu` in
+        # `_solve`, so every problem gets the check; a lockstep batch runs off CPU.)
         def checked(p, f, g, status, it, x0):
             def first_order(c):
                 (fl, gl), sl, il = _lbfgs(
@@ -1416,8 +1419,6 @@ def _entropic_start(p: Problem):
     """Potentials of entropic OT at ``epsilon = gamma / 2`` (`otlab.sinkhorn`, to a
     loose 1e-2 and at most 200 iterations; non-finite entries set to zero): close to
     the dual's optimum, they spare phase 1 most of its continuation from zero."""
-    from otlab.solvers.sinkhorn import sinkhorn  # (sinkhorn imports nothing from here)
-
     eps = jnp.where(p.gamma > 0, 0.5 * p.gamma, 1.0)
     sol = sinkhorn(p.geom, p.a, p.b, epsilon=eps, tol=1e-2, max_iter=200)
     return tuple(jnp.where(jnp.isfinite(z), z, 0.0) for z in (sol.f, sol.g))
@@ -1457,7 +1458,7 @@ def _dual_and_support(problem: Problem, init, *, start_from, method, formulation
         tries, out, _ = c
         x0 = jax.tree.map(lambda w, z: jnp.where(tries == 0, w, jnp.zeros_like(z)), first, init)
         new, ok = attempt(x0)
-        return tries + 1, new[:3] + (new[3] + out[3],) + new[4:], ok
+        return tries + 1, new[:3] + (new[3] + out[3],) + new[4:], ok  # n_iter: both runs
 
     # (a given start of zeros is the cold start: no second run)
     warm = jnp.any(first[0] != 0) | jnp.any(first[1] != 0)

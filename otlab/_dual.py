@@ -237,8 +237,9 @@ class Problem:
         return matvec, (jnp.where(ma, da + s * self.a**2, 1.0), jnp.where(mb, db + s * self.b**2, 1.0))
 
 
-def complete(problem: Problem, f: Array, g: Array) -> tuple[Array, Array, Array]:
-    """Finish a solver's potentials: ``(f, g, marginal_error)``, in two log-domain passes.
+def complete(problem: Problem, f: Array, g: Array) -> tuple[Array, Array, Array, Array]:
+    """Finish a solver's potentials: ``(f, g, marginal_error, mass)``, in two log-domain
+    passes.
 
     Every solver's returned potentials go through this (`otlab.solution.build`):
 
@@ -251,7 +252,9 @@ def complete(problem: Problem, f: Array, g: Array) -> tuple[Array, Array, Array]
       if the potentials are not finite), whatever the solver's own estimate was (a
       scaled kernel can underestimate it).
       The change of the columns at zero weights moves the rows by at most the
-      change of those columns' mass, which is added: a bound, not an estimate.
+      change of those columns' mass, which is added: a bound, not an estimate;
+    * ``mass``, the plan's total mass at the returned ``(f, g)`` (what the dual
+      objective needs besides O(n + m) terms: `dual_objective`).
     """
     eps = problem.epsilon
     geom = problem.geom.materialize()
@@ -269,4 +272,4 @@ def complete(problem: Problem, f: Array, g: Array) -> tuple[Array, Array, Array]
     # (+ 0 * f: NaN unless the potentials are finite, which `solution.build` reads
     # from it: no separate reductions for that)
     err = jnp.sum(jnp.abs(ra + 0.0 * f_new)) + jnp.sum(jnp.abs(rb + 0.0 * g_new)) + moved
-    return f_new, g_new, err
+    return f_new, g_new, err, jnp.sum(jnp.exp(log_col_new))

@@ -589,3 +589,34 @@ def test_compact_lists_the_pattern_in_line_order():
         alone = card._compact(idx, jnp.asarray(mask, jnp.float64), 20, n_other)
         np.testing.assert_array_equal(batched[0][b], alone[0])
         np.testing.assert_array_equal(batched[1][b], alone[1])
+
+
+def test_float32_default_tol_is_above_the_rounding_floor():
+    """Regression: in float32 the plan, read from potentials of the size of the costs,
+    meets the marginals only to a floor that grows with ``n + m``; below it phase 2
+    rejected every support and the plan was the dual's own (n = 400, 2-D Gaussian
+    clouds, default gamma: 0/8 ``SUCCESS`` with ``tol = 1e-4``, marginal errors ~2e-2).
+    The float32 default ``tol`` is ``max(1e-4, 1.25e-6 (n + m))``; the dual value is
+    the float64 one's to float32 accuracy."""
+    n = 400
+    assert card._float32_tol(20, 30) == 1e-4 and card._float32_tol(n, n) == 1.25e-6 * 2 * n
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(n, 2)), rng.normal(size=(n, 2)) + 1.0
+    c = ((x[:, None] - y[None]) ** 2).sum(-1)
+    a = np.full(n, 1.0 / n)
+    sol = otlab.cardinality_constrained(
+        jnp.asarray(c, jnp.float32), jnp.asarray(a, jnp.float32), jnp.asarray(a, jnp.float32), k=2
+    )
+    assert int(sol.status) == otlab.Status.SUCCESS
+    plan = np.asarray(sol.plan(), np.float64)
+    err = _marginal_error(plan, a, a)
+    assert err <= card._float32_tol(n, n) * 1.01, err
+    assert (plan > 0).sum(0).max() <= 2
+    ref, _ = _pot(a, a, c, 0.1 * c.mean(), 2)
+    np.testing.assert_allclose(float(sol.dual_value), ref, rtol=1e-4)
+    # (with the former default the same problem ends MAX_ITER, its plan off by 3.8e-2)
+    old = otlab.cardinality_constrained(
+        jnp.asarray(c, jnp.float32), jnp.asarray(a, jnp.float32), jnp.asarray(a, jnp.float32),
+        k=2, tol=1e-4,
+    )
+    assert int(old.status) == otlab.Status.MAX_ITER and float(old.marginal_error) > 10 * err

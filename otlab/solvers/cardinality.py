@@ -1474,6 +1474,20 @@ def _dual_and_support(problem: Problem, init, *, start_from, method, formulation
     return out
 
 
+def _float32_tol(n: int, m: int) -> float:
+    """The default ``tol`` in float32: ``max(1e-4, 1.25e-6 (n + m))``.
+
+    The plan is read from potentials of the size of the costs, which float32 holds
+    to ``ulp(max C)``: each entry only to about ``ulp(max C) / gamma``, so the L1 error
+    of the ``n + m`` marginals has a floor that grows with ``n + m``. Rounding the
+    float64 optimum's potentials to float32 leaves 4.3e-5 at ``n = m = 100`` and
+    1.8e-4 at ``400`` (benchmark problems, ``k = 2``, default ``gamma``). Below the
+    floor no support passes phase 2's test, and the plan fell back to the dual's own,
+    off by ~1e-2: at ``n = 400`` with ``tol = 1e-4``, 0/8 ``SUCCESS`` (errors 2.1e-2
+    median); with ``3e-4`` 5/8, with ``1e-3`` 8/8 (errors 6e-4 median)."""
+    return max(1e-4, 1.25e-6 * (n + m))
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -1489,7 +1503,7 @@ def _solve(
         gamma = 0.1 * jax.lax.stop_gradient(geom.mean_cost())
     dtype = geom.dtype
     if tol is None:
-        tol = 1e-10 if dtype == jnp.float64 else 1e-4
+        tol = 1e-10 if dtype == jnp.float64 else _float32_tol(*geom.shape)
     problem = Problem(geom, a, b, jnp.asarray(gamma, dtype), k, axis)
     # Phase 1, the dual's maximiser (no derivative of its own: the optimal value is
     # differentiated by the envelope theorem, the plan through phase 2), and the
@@ -1588,12 +1602,12 @@ def cardinality_constrained(
         tol: static. The L1 marginal error ``<= tol * sum(a)`` that the returned
             plan must meet for ``SUCCESS``; L-BFGS also stops once five successive
             steps each improve the dual by at most ``min(tol, 1e-6)`` relative
-            (``1e-10`` in float64). Default ``1e-4`` (float32) or ``1e-10`` (float64).
-            In float32 the plan, read from potentials of the size of the costs, can
-            meet the marginals only to about ``(n + m) ulp(max C) / gamma``: on 2-D
-            Gaussian clouds at the default ``gamma``, 16/16 ``SUCCESS`` at ``n = 50``
-            but 1/16 at ``n = 400`` (errors ~1e-2; float64: 1e-11). Use float64 for
-            plans beyond ~100 points (docs/cardinality.md).
+            (``1e-10`` in float64). Default ``1e-10`` in float64; in float32
+            ``max(1e-4, 1.25e-6 (n + m))``: the plan, read from potentials of the
+            size of the costs, meets the marginals only to a rounding floor that
+            grows with ``n + m`` (1.8e-4 at ``n = m = 400`` on Gaussian clouds); a
+            ``tol`` below it leaves every support rejected and the plan off by ~1e-2.
+            Use float64 for tight plans (docs/cardinality.md).
         max_iter: static cap on L-BFGS iterations (default 1000) or, with Newton,
             on each of its two runs at the final ``gamma`` (``4k + 1`` entries per
             line, then ``k``, a run skipped where ``k = 1`` is an assignment;

@@ -301,9 +301,11 @@ def _cost(sol: OTSolution) -> Array:
     return sol._valid(sol.geom.plan_cost(sol.f, sol.g, sol.epsilon))
 
 
-def _dual_value(sol: OTSolution) -> Array:
+def _dual_value(sol: OTSolution, mass: Array | None = None) -> Array:
+    """The dual form; ``mass``, the plan's total mass, costs a pass when not given."""
     eps = sol.epsilon
-    mass = jnp.sum(jnp.exp(sol.geom.lse(sol.f, sol.g, eps, axis=1)))
+    if mass is None:
+        mass = jnp.sum(jnp.exp(sol.geom.lse(sol.f, sol.g, eps, axis=1)))
     return _dual.dual_objective(sol.f, sol.g, sol.a, sol.b, eps, sol.tau_a, sol.tau_b, mass)
 
 
@@ -339,16 +341,16 @@ def _use_primal(self: OTSolution) -> Array:
     return jax.lax.stop_gradient(use)
 
 
+def _value(sol: OTSolution, mass: Array | None = None) -> Array:
+    """`OTSolution.reg_cost`: the primal or the dual form (one pass either way; the
+    dual's is none when the plan's ``mass`` is given)."""
+    dual = functools.partial(_dual_value, mass=mass)
+    return sol._valid(jax.lax.cond(_use_primal(sol), _primal_value, dual, sol))
+
+
 @jax.jit
 def _reg_cost(self: OTSolution) -> Array:
-    return self._valid(jax.lax.cond(_use_primal(self), _primal_value, _dual_value, self))
-
-
-def reg_cost_with_dual(sol: OTSolution, dual: Array) -> Array:
-    """`OTSolution.reg_cost` given the dual value ``dual`` at ``(sol.f, sol.g)`` (a
-    caller that has it, e.g. by the envelope theorem, saves the dual's pass). Without
-    a ``lax.cond``: under ``vmap`` both forms would be computed anyway."""
-    return sol._valid(jnp.where(_use_primal(sol), _primal_value(sol), dual))
+    return _value(self)
 
 
 def build(
@@ -406,11 +408,7 @@ def build(
     # used (a `lax.cond`: `sinkhorn_divergence` at 300 x 400, float32, warm: value
     # 5.28 -> 3.95 ms, value_and_grad 6.30 -> 5.31 ms; its compile time grows by 0.04 s
     # against a `jnp.where` of both forms, which saved nothing warm)
-    dual = jax.lax.stop_gradient(
-        _dual.dual_objective(f, g, p.a, p.b, p.epsilon, p.tau_a, p.tau_b, mass)
-    )
-    value = jax.lax.cond(_use_primal(sol), _primal_value, lambda s: dual.astype(s.f.dtype), sol)
-    return sol, sol._valid(jax.lax.stop_gradient(value))
+    return sol, jax.lax.stop_gradient(_value(sol, mass))
 
 
 def _warn(status, what):

@@ -1014,8 +1014,8 @@ def _newton(p: Problem, x0, *, keep, tol, vtol, max_iter, stages=2, factor=8.0,
             c.stage + nxt, jnp.where(nxt, 0, it), c.total + stepped, nxt, status, done,
         )
 
-    ps0, keep0, _, _ = at(jnp.asarray(0))
     f0, g0 = x0
+    ps0, keep0, _, _ = at(jnp.asarray(0))
     x = _evaluate(ps0, *p.gauge(f0, g0), keep0, _candidates(p, *p.gauge(f0, g0)))
     zero, one = jnp.asarray(0), jnp.asarray(1.0, f0.dtype)
     finite0 = jnp.isfinite(x.value)

@@ -940,29 +940,6 @@ def _one_compiled_solve(n: int, m: int) -> bool:
     return n == m or (small_waste and size <= PAD_MAX_SIZE)
 
 
-@jax.custom_jvp
-def _envelope(reg: Array, f: Array, g: Array, theta) -> Array:
-    """``reg``, the value of an entropic problem at its optimum ``(f, g)`` (constants),
-    with the envelope theorem's derivative: that of the dual objective at ``(f, g)``
-    with respect to ``theta = (geom, a, b, epsilon, tau_a, tau_b)``. The dual's pass
-    runs only when differentiated; a non-finite dual value contributes no derivative,
-    never a NaN. (The value is ``reg`` exactly: ``env + stop_gradient(reg - env)``
-    would round, and at ``eps = 1e10`` the dual form's cancellation error, about ``eps``
-    times the machine epsilon, swamped it.)"""
-    del f, g, theta
-    return reg
-
-
-@_envelope.defjvp
-def _envelope_jvp(primals, tangents):
-    reg, f, g, theta = primals
-    # (f, g are constants: the solves ran on stop_gradient inputs, so the plain
-    # objective differentiates as the envelope; `otlab._dual.reg_cost`'s custom_jvp
-    # would trace the objective a second time)
-    env, denv = jax.jvp(lambda t: _dual._reg_cost(f, g, t), (theta,), (tangents[3],))
-    return reg, jnp.where(jnp.isfinite(env), denv, jnp.zeros_like(denv))
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("init_fn", "tol", "max_iter", "check_every", "mode", "with_status"),
@@ -1027,7 +1004,7 @@ def _divergence(gxy, a, b, epsilon, *, init_fn, tol, max_iter, check_every, mode
         inputs): no backward linear solve is compiled or run (as ott-jax's divergence,
         ``use_danskin``)."""
         theta = (dataclasses.replace(gxy, x=x, y=y), a, b, epsilon, one, one)
-        return _envelope(reg, sol.f, sol.g, theta)
+        return _dual.envelope(reg, sol.f, sol.g, theta)
 
     if _one_compiled_solve(n, m):
         xp, yp = _pad_rows(x, size), _pad_rows(y, size)

@@ -356,20 +356,23 @@ def test_entropic_start_same_answer_fewer_steps(x64):
 
 def test_a_start_whose_support_fails_reruns_from_zero(x64):
     """Where the run from a start ends on ties with a support that admits no plan
-    meeting the marginals (here a constant cost at k = 2, the documented tie
-    limitation, where every run fails), the solve runs once more from zero: its answer
-    is the zero start's and ``n_iter`` counts both runs. A given start of zeros is the
-    zero start (one run)."""
+    meeting the marginals (here a constant cost at k = 2 with generic row weights,
+    where every run fails: a feasible support must span the 2 N - 1 = 59 points with
+    2 N = 60 entries, and the support search finds none; with uniform weights it now
+    finds one), the solve runs once more from zero: its answer is the zero start's and
+    ``n_iter`` counts both runs. A given start of zeros is the zero start (one run)."""
     c = jnp.ones((N, N))
-    zeros = otlab.cardinality_constrained(c, k=2, gamma=0.5, init="zeros")
+    a = np.random.default_rng(0).uniform(0.5, 1.5, N)
+    a = jnp.asarray(a / a.sum())
+    zeros = otlab.cardinality_constrained(c, a, k=2, gamma=0.5, init="zeros")
     assert int(zeros.status) == otlab.Status.MAX_ITER
     for init in ("entropic", (jnp.full(N, 0.3), jnp.zeros(N))):
-        sol = otlab.cardinality_constrained(c, k=2, gamma=0.5, init=init)
+        sol = otlab.cardinality_constrained(c, a, k=2, gamma=0.5, init=init)
         assert int(sol.n_iter) > int(zeros.n_iter)
         assert int(sol.status) == int(zeros.status)
         np.testing.assert_allclose(float(sol.dual_value), float(zeros.dual_value), rtol=1e-10)
         np.testing.assert_allclose(sol.plan(), zeros.plan(), atol=1e-10)
-    given = otlab.cardinality_constrained(c, k=2, gamma=0.5, init=(jnp.zeros(N), jnp.zeros(N)))
+    given = otlab.cardinality_constrained(c, a, k=2, gamma=0.5, init=(jnp.zeros(N), jnp.zeros(N)))
     assert int(given.n_iter) == int(zeros.n_iter)
 
 

@@ -289,10 +289,12 @@ class CardinalitySolution:
 
     @property
     def converged(self) -> Array:
-        """``status == SUCCESS``: the dual's L-BFGS met its stopping rule and the
-        returned plan (at most ``k`` nonzeros per line) meets both marginals to
-        ``tol`` (L1). When no plan on the dual's support meets them (a tie at a
-        nonsmooth optimum), the status is ``MAX_ITER``."""
+        """``status == SUCCESS``: phase 1 met its stopping rule and the returned plan
+        (at most ``k`` nonzeros per line) meets both marginals to ``tol`` (L1). When
+        no plan on the dual's support meets them (a tie at a nonsmooth optimum) and
+        the support search finds no other support that admits one (or none exists:
+        generic weights need ``k * lines >= n + m - 1``), the status is
+        ``MAX_ITER``."""
         return self.status == Status.SUCCESS
 
     def _lines(self):
@@ -1240,9 +1242,12 @@ def _restricted_ascent(problem: Problem, init, *, tol, max_steps, patience=10):
     return f, g, err <= gtol
 
 
-def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol):
+def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol,
+                      converged: Array | bool = True):
     """The support for phase 2 and its start: the top-``k`` at the dual's optimum, or, when no plan
-    on it meets the marginals, the top-``k`` after one step on the other side's
+    on it meets the marginals (and the dual is ``converged``), one found by
+    `_search_support` (``k > 1``); where that fails too, or at ``k = 1`` without whole
+    units, the top-``k`` after one step on the other side's
     potential towards its marginal (``+ gamma (w - T 1)``, ``w`` that side's weights).
 
     At a tie (the dual's optimum lies on a kink) each tied line keeps an arbitrary
@@ -1272,9 +1277,12 @@ def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol):
 
     if p.k != 1:
         def search(c):
-            return _search_support(p, f, g, support, tol)
+            found, start, met = _search_support(p, f, g, support, tol)
+            return jnp.where(met, found, p.topk(f2, g2)), start
 
-        support, start = if_any(~ok, search, (support, (f1, g1)))
+        # (only at the dual's optimum: short of it the status is MAX_ITER whatever the
+        # plan, and a search there cost 90 s at n = 1000 after L-BFGS's 1000 steps)
+        support, start = if_any(~ok & converged, search, (support, (f1, g1)))
         return support, start, (f, g), jnp.asarray(False), ok
 
     # k = 1 with whole units: the plan is an assignment. The auction gives a feasible
@@ -1302,7 +1310,7 @@ def _search_support(p: Problem, f: Array, g: Array, support: Array, tol, *,
     """A ``k``-sparse support on which some plan meets the marginals, from ``support``
     (the top-``k`` after the nudge of `_feasible_support`), by single swaps; returns it
     and phase 2's start (the restricted optimum), or ``(support, (f, g))`` unchanged
-    where none is found within ``rounds`` swaps.
+    where none is found within ``rounds`` swaps, and whether one was found.
 
     Where no plan on a support meets the marginals, some set of points on the other
     side needs more mass than the lines that reach them hold (Hall's condition,
@@ -1317,8 +1325,11 @@ def _search_support(p: Problem, f: Array, g: Array, support: Array, tol, *,
 
     Generic weights need such a search: no proper subset of points on both sides has
     equal masses, so a feasible support is connected (at least ``n + m - 1`` entries),
-    and the dual's top-``k`` at ties splits into many components. Measured
-    (2026-12-02, float64, weights U(0.5, 1.5), default ``gamma``): ... (docs).
+    and the dual's top-``k`` at ties splits into many components. Finding a feasible
+    ``k``-sparse support is combinatorial (``k = 1`` with generic weights is bin
+    packing): this is a heuristic, which can miss a support that exists, mostly where
+    the ``k m`` slots barely cover ``n + m - 1`` (docs/cardinality.md, "Support search",
+    for what it finds).
     """
     _, wo = p._lines(p.a, p.b)
     lu, lv = p._lines(f, g)  # the lines' potentials, the other side's
@@ -1358,7 +1369,7 @@ def _search_support(p: Problem, f: Array, g: Array, support: Array, tol, *,
                      jnp.asarray(True))
     )
     keep = lambda x, y: jnp.where(met, x, y)  # noqa: E731
-    return keep(found, support), (keep(fl, f), keep(gl, g))
+    return keep(found, support), (keep(fl, f), keep(gl, g)), met
 
 
 def _unit_capacities(p: Problem):
@@ -1544,7 +1555,9 @@ def _dual_and_support(problem: Problem, init, *, start_from, method, formulation
         )
         f, g = problem.gauge(f, g)
         top = problem.topk(f, g)  # one top-k pass serves the dual value and phase 2
-        support, begin, dual, auctioned, ok = _feasible_support(problem, f, g, top, tol)
+        support, begin, dual, auctioned, ok = _feasible_support(
+            problem, f, g, top, tol, status == Status.SUCCESS
+        )
         good = auctioned | (ok & (status == Status.SUCCESS))
         return (f, g, status, it, top, support, begin, dual, auctioned), good
 

@@ -559,7 +559,8 @@ def _newton_direction(
     matvec, (da, db) = p.hessian_operator(f, g)
     da, db = da + damping, db + damping
     d, _ = jax.scipy.sparse.linalg.cg(
-        lambda z: jax.tree.map(lambda u, v: u + damping * v, matvec(z), z), rhs, tol=tol, atol=atol, maxiter=maxiter, M=lambda z: (z[0] / da, z[1] / db),
+        lambda z: jax.tree.map(lambda u, v: u + damping * v, matvec(z), z), rhs,
+        tol=tol, atol=atol, maxiter=maxiter, M=lambda z: (z[0] / da, z[1] / db),
     )
     return d
 
@@ -1277,7 +1278,7 @@ def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol,
 
     if p.k != 1:
         def search(c):
-            found, start, met = _search_support(p, f, g, support, tol)
+            found, start, met = _search_support(p, f, g, support, (fl, gl), tol)
             return jnp.where(met, found, p.topk(f2, g2)), start
 
         # (only at the dual's optimum: short of it the status is MAX_ITER whatever the
@@ -1305,10 +1306,11 @@ _TRIAL = dict(max_steps=100, patience=30)
 _SEARCH_ROUNDS = 64
 
 
-def _search_support(p: Problem, f: Array, g: Array, support: Array, tol, *,
+def _search_support(p: Problem, f: Array, g: Array, support: Array, last, tol, *,
                     rounds: int = _SEARCH_ROUNDS):
     """A ``k``-sparse support on which some plan meets the marginals, from ``support``
-    (the top-``k`` after the nudge of `_feasible_support`), by single swaps; returns it
+    (the dual's top-``k``, on which phase 2's trial failed and ended at ``last``), by
+    single swaps; returns it
     and phase 2's start (the restricted optimum), or ``(support, (f, g))`` unchanged
     where none is found within ``rounds`` swaps, and whether one was found.
 
@@ -1363,10 +1365,9 @@ def _search_support(p: Problem, f: Array, g: Array, support: Array, tol, *,
         fl, gl, met = trial(sup)
         return it + 1, sup, fixed, (fl, gl), met, possible
 
-    fl, gl, met = trial(support)
     _, found, _, (fl, gl), met, _ = jax.lax.while_loop(
-        cond, body, (jnp.asarray(0), support, jnp.zeros(support.shape, bool), (fl, gl), met,
-                     jnp.asarray(True))
+        cond, body, (jnp.asarray(0), support, jnp.zeros(support.shape, bool), last,
+                     jnp.asarray(False), jnp.asarray(True))
     )
     keep = lambda x, y: jnp.where(met, x, y)  # noqa: E731
     return keep(found, support), (keep(fl, f), keep(gl, g)), met

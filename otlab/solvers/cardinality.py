@@ -1265,8 +1265,6 @@ def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol,
     support was kept.
     """
     first = dataclasses.replace(p, support=support)
-    fl, gl, ok = _restricted_ascent(first, (f, g), tol=tol, **_TRIAL)
-    f1, g1 = jnp.where(ok, fl, f), jnp.where(ok, gl, g)
     row, col = first.marginals(f, g)
     if p.axis == 0:  # lines are columns: the other side is the rows
         f2, g2 = f + p.gamma * (p.a - row), g
@@ -1277,14 +1275,16 @@ def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol,
         return p.topk(f2, g2)
 
     if p.k != 1:
-        def search(c):
-            found, start, met = _search_support(p, f, g, support, (fl, gl), tol)
-            return jnp.where(met, found, p.topk(f2, g2)), start
-
-        # (only at the dual's optimum: short of it the status is MAX_ITER whatever the
-        # plan, and a search there cost 90 s at n = 1000 after L-BFGS's 1000 steps)
-        support, start = if_any(~ok & converged, search, (support, (f1, g1)))
+        # (the search only at the dual's optimum: short of it the status is MAX_ITER
+        # whatever the plan, and a search there cost 90 s at n = 1000 after L-BFGS's
+        # 1000 steps)
+        found, (fl, gl), met, ok = _search_support(p, f, g, support, tol, converged)
+        support = jnp.where(met, found, if_any(~met & converged, fallback, support))
+        start = (jnp.where(met, fl, f), jnp.where(met, gl, g))
         return support, start, (f, g), jnp.asarray(False), ok
+
+    fl, gl, ok = _restricted_ascent(first, (f, g), tol=tol, **_TRIAL)
+    f1, g1 = jnp.where(ok, fl, f), jnp.where(ok, gl, g)
 
     # k = 1 with whole units: the plan is an assignment. The auction gives a feasible
     # support where the first is not, and a dual point of its own (phase 1 can stop
@@ -1306,13 +1306,13 @@ _TRIAL = dict(max_steps=100, patience=30)
 _SEARCH_ROUNDS = 64
 
 
-def _search_support(p: Problem, f: Array, g: Array, support: Array, last, tol, *,
+def _search_support(p: Problem, f: Array, g: Array, support: Array, tol, search, *,
                     rounds: int = _SEARCH_ROUNDS):
-    """A ``k``-sparse support on which some plan meets the marginals, from ``support``
-    (the dual's top-``k``, on which phase 2's trial failed and ended at ``last``), by
-    single swaps; returns it
-    and phase 2's start (the restricted optimum), or ``(support, (f, g))`` unchanged
-    where none is found within ``rounds`` swaps, and whether one was found.
+    """A ``k``-sparse support on which some plan meets the marginals: ``support`` (the
+    dual's top-``k``) where phase 2's trial on it meets them; else, where ``search``,
+    one found from it by single swaps. Returns the support, phase 2's start (the
+    restricted optimum; meaningless where none was found), whether one was found and
+    whether it was ``support`` itself.
 
     Where no plan on a support meets the marginals, some set of points on the other
     side needs more mass than the lines that reach them hold (Hall's condition,
@@ -1323,7 +1323,8 @@ def _search_support(p: Problem, f: Array, g: Array, support: Array, last, tol, *
     point (`Geometry.topk` with the other points masked: no ``n x m`` matrix), the line
     whose swap loses the least score; then phase 2 is tried on the new support. At ties
     the scores of the swapped entries are nearly equal, so a support found this way
-    costs little above the dual's optimum (``duality_gap``).
+    costs little above the dual's optimum (``duality_gap``). The first trial (round 0,
+    no swap) and the rounds share one loop, so phase 2's ascent is compiled once for both.
 
     Generic weights need such a search: no proper subset of points on both sides has
     equal masses, so a feasible support is connected (at least ``n + m - 1`` entries),
@@ -1336,17 +1337,8 @@ def _search_support(p: Problem, f: Array, g: Array, support: Array, last, tol, *
     _, wo = p._lines(p.a, p.b)
     lu, lv = p._lines(f, g)  # the lines' potentials, the other side's
 
-    def trial(sup):
-        q = dataclasses.replace(p, support=sup)
-        fl, gl, met = _restricted_ascent(q, (f, g), tol=tol, **_TRIAL)
-        return fl, gl, met
-
-    def cond(c):
-        it, _, _, _, met, possible = c
-        return ~met & possible & (it < rounds)
-
-    def body(c):
-        it, sup, fixed, (fl, gl), _, _ = c
+    def swap(c):
+        sup, fixed, (fl, gl) = c
         q = dataclasses.replace(p, support=sup)
         _, other = p._lines(*q.marginals(fl, gl))
         lack = wo - other
@@ -1361,16 +1353,27 @@ def _search_support(p: Problem, f: Array, g: Array, support: Array, last, tol, *
         j = jnp.argmin(loss)
         possible = jnp.isfinite(loss[j])
         sup = jnp.where(possible, sup.at[j, weak[j]].set(best[j, 0]), sup)
-        fixed = fixed.at[j, weak[j]].set(True)
-        fl, gl, met = trial(sup)
-        return it + 1, sup, fixed, (fl, gl), met, possible
+        return sup, fixed.at[j, weak[j]].set(True), possible
 
-    _, found, _, (fl, gl), met, _ = jax.lax.while_loop(
-        cond, body, (jnp.asarray(0), support, jnp.zeros(support.shape, bool), last,
-                     jnp.asarray(False), jnp.asarray(True))
+    def cond(c):
+        it, _, _, _, met, _, possible = c
+        return (it == 0) | (~met & possible & search & (it <= rounds))
+
+    def body(c):
+        it, sup, fixed, last, _, first, _ = c
+        sup, fixed, possible = jax.lax.cond(
+            it > 0, swap, lambda c: (c[0], c[1], jnp.asarray(True)), (sup, fixed, last)
+        )
+        q = dataclasses.replace(p, support=sup)
+        fl, gl, met = _restricted_ascent(q, (f, g), tol=tol, **_TRIAL)
+        return it + 1, sup, fixed, (fl, gl), met, jnp.where(it == 0, met, first), possible
+
+    no = jnp.asarray(False)
+    _, found, _, start, met, first, _ = jax.lax.while_loop(
+        cond, body, (jnp.asarray(0), support, jnp.zeros(support.shape, bool), (f, g), no, no,
+                     jnp.asarray(True))
     )
-    keep = lambda x, y: jnp.where(met, x, y)  # noqa: E731
-    return keep(found, support), (keep(fl, f), keep(gl, g)), met
+    return found, start, met, first
 
 
 def _unit_capacities(p: Problem):

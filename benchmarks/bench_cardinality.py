@@ -222,5 +222,100 @@ def _assignments(quick: bool) -> list[str]:
     return out
 
 
+SWEEP_SHAPES = ((20, 20), (20, 50), (50, 20), (45, 60), (60, 45), (100, 100), (80, 120),
+                (120, 80), (200, 300), (300, 200))
+
+
+def _sweep_problem(n, m, uniform, seed):
+    """The support sweep's problem: 2-D Gaussian clouds, squared-Euclidean costs, weights
+    uniform or drawn from U(0.5, 1.5)."""
+    rng = np.random.default_rng(1000 * seed + n + 7 * m)
+    x, y = rng.normal(size=(n, 2)), rng.normal(size=(m, 2)) + 0.5
+    a = np.ones(n) if uniform else rng.uniform(0.5, 1.5, n)
+    b = np.ones(m) if uniform else rng.uniform(0.5, 1.5, m)
+    return ((x[:, None] - y[None]) ** 2).sum(-1), a / a.sum(), b / b.sum()
+
+
+def _milp_feasible(a, b, k, seconds):
+    """Whether some plan with at most ``k`` nonzeros per column meets the marginals
+    exactly: a mixed-integer feasibility problem for SciPy's HiGHS (entries continuous,
+    one binary per entry). True, False, or None where HiGHS decides nothing in time."""
+    import scipy.sparse as sp
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n, m = len(a), len(b)
+    size = n * m  # entries (row-major), then their binaries
+    rows, cols = sp.kron(sp.identity(n), np.ones((1, m))), sp.kron(np.ones((1, n)), sp.identity(m))
+    none_n, none_m = sp.csr_matrix((n, size)), sp.csr_matrix((m, size))
+    matrix = sp.vstack([
+        sp.hstack([rows, none_n]), sp.hstack([cols, none_m]),  # marginals
+        sp.hstack([none_m, cols]),  # at most k entries per column
+        sp.hstack([sp.identity(size), -sp.diags(np.tile(b, n))]),  # an entry needs its binary
+    ])
+    lo = np.r_[a, b, np.zeros(m), np.full(size, -np.inf)]
+    hi = np.r_[a, b, np.full(m, k), np.zeros(size)]
+    res = milp(np.zeros(2 * size), constraints=LinearConstraint(matrix, lo, hi),
+               integrality=np.r_[np.zeros(size), np.ones(size)],
+               bounds=Bounds(0, np.r_[np.full(size, np.inf), np.ones(size)]),
+               options=dict(time_limit=seconds))
+    return {0: True, 2: False}.get(res.status)
+
+
+def sweep(milp_seconds: float = 0.0, shapes=SWEEP_SHAPES, seeds=(0, 1)) -> str:
+    """The support sweep of docs/cardinality.md ("Support search"): every shape, k in
+    {1, 2, 3, 5, m}, uniform and generic weights, two seeds (float64, default method,
+    ``gamma = 0.1 * mean(C)``). Prints one line per problem; returns the summary table.
+    With ``milp_seconds``, each problem where a plan can exist by the counting bound
+    (``k m >= n + m - g``) and none was found is checked by `_milp_feasible`."""
+    import otlab
+
+    jax.config.update("jax_enable_x64", True)
+    table, misses = {}, []
+    for n, m in shapes:
+        for k in (1, 2, 3, 5, m):
+            for uniform in (True, False):
+                for seed in seeds:
+                    c, a, b = _sweep_problem(n, m, uniform, seed)
+                    sol = otlab.cardinality_constrained(jnp.asarray(c), a, b, k=min(k, n),
+                                                        gamma=0.1 * c.mean())
+                    plan = np.asarray(sol.plan())
+                    err = np.abs(plan.sum(1) - a).sum() + np.abs(plan.sum(0) - b).sum()
+                    possible = k * m >= n + m - (np.gcd(n, m) if uniform else 1)
+                    ok = int(sol.status) == otlab.Status.SUCCESS
+                    assert not ok or (err <= 1e-6 and (plan > 0).sum(0).max() <= k)
+                    gap = float(sol.duality_gap) / abs(float(sol.dual_value))
+                    row = table.setdefault(("uniform" if uniform else "generic",
+                                            "m" if k == m else str(k)), [0, 0, 0, 0.0, 0.0])
+                    row[0] += 1
+                    row[1] += int(possible)
+                    row[2] += int(ok)
+                    if ok:
+                        row[3], row[4] = max(row[3], err), max(row[4], gap)
+                    line = (f"{n} x {m}, k = {k}, {'uniform' if uniform else 'generic'}, seed "
+                            f"{seed}: {otlab.Status.name(sol.status)}, marginal error "
+                            f"{err:.1e}, gap {gap:.1e}")
+                    if possible and not ok:
+                        feasible = _milp_feasible(a, b, min(k, n), milp_seconds) if milp_seconds else None
+                        misses.append((n, m, k, uniform, seed, feasible))
+                        line += f", MILP: {feasible}" if milp_seconds else ""
+                    print(line, file=sys.stderr, flush=True)
+            jax.clear_caches()  # (dozens of large programs in one process exhaust LLVM's maps)
+    out = ["| weights | k | problems | a plan can exist | `SUCCESS` | max marg. error | "
+           "largest duality gap (rel.) |", "| :--- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (weights, k), (total, possible, ok, err, gap) in sorted(table.items()):
+        out.append(f"| {weights} | {k} | {total} | {possible} | {ok} | {err:.0e} | {gap:.1e} |")
+    out += ["", f"Possible but not found: {len(misses)}"]
+    if milp_seconds:
+        counts = {v: sum(f is v for *_, f in misses) for v in (True, False, None)}
+        out[-1] += (f"; a MILP (HiGHS, {milp_seconds:.0f} s each) finds a feasible support for "
+                    f"{counts[True]}, proves none for {counts[False]}, decides nothing for "
+                    f"{counts[None]}")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    print(run(quick=True))
+    if "--sweep" in sys.argv:  # --sweep [MILP_SECONDS]: the support sweep (tens of minutes)
+        rest = sys.argv[sys.argv.index("--sweep") + 1:]
+        print(common.machine() + "\n\n" + sweep(float(rest[0]) if rest else 0.0))
+    else:
+        print(run(quick=True))

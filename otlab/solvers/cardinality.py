@@ -1261,8 +1261,9 @@ def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol,
     Returns the support and phase 2's start: that trial's potentials (refined where the
     first support is kept, so phase 2 does not repeat its steps; ``(f, g)`` unchanged
     where it failed, as `_refine` returns its start then); the dual point of the
-    auction (``(f, g)`` where it did not run), whether it ran, and whether the first
-    support was kept.
+    auction (``(f, g)`` where it did not run), whether it ran, whether the first
+    support was kept, and whether the support returned admits a plan that meets the
+    marginals (the first, or, ``k > 1``, one the search found).
     """
     first = dataclasses.replace(p, support=support)
     row, col = first.marginals(f, g)
@@ -1278,10 +1279,10 @@ def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol,
         # (the search only at the dual's optimum: short of it the status is MAX_ITER
         # whatever the plan, and a search there cost 90 s at n = 1000 after L-BFGS's
         # 1000 steps)
-        found, (fl, gl), met, ok = _search_support(p, f, g, support, tol, converged)
+        found, (fl, gl), met, kept = _search_support(p, f, g, support, tol, converged)
         support = jnp.where(met, found, if_any(~met & converged, fallback, support))
         start = (jnp.where(met, fl, f), jnp.where(met, gl, g))
-        return support, start, (f, g), jnp.asarray(False), ok
+        return support, start, (f, g), jnp.asarray(False), kept, met
 
     fl, gl, ok = _restricted_ascent(first, (f, g), tol=tol, **_TRIAL)
     f1, g1 = jnp.where(ok, fl, f), jnp.where(ok, gl, g)
@@ -1298,7 +1299,7 @@ def _feasible_support(p: Problem, f: Array, g: Array, support: Array, tol,
     support, dual, auctioned = if_any(
         _unit_capacities(p)[0], auction, (support, (f, g), jnp.asarray(False))
     )
-    return if_any(~(ok | auctioned), fallback, support), (f1, g1), dual, auctioned, ok
+    return if_any(~(ok | auctioned), fallback, support), (f1, g1), dual, auctioned, ok, ok
 
 
 # phase 2's trials of a support: Newton steps, and steps without progress before it stops
@@ -1360,20 +1361,20 @@ def _search_support(p: Problem, f: Array, g: Array, support: Array, tol, search,
         return (it == 0) | (~met & possible & search & (it <= rounds))
 
     def body(c):
-        it, sup, fixed, last, _, first, _ = c
+        it, sup, fixed, last, _, kept, _ = c
         sup, fixed, possible = jax.lax.cond(
             it > 0, swap, lambda c: (c[0], c[1], jnp.asarray(True)), (sup, fixed, last)
         )
         q = dataclasses.replace(p, support=sup)
         fl, gl, met = _restricted_ascent(q, (f, g), tol=tol, **_TRIAL)
-        return it + 1, sup, fixed, (fl, gl), met, jnp.where(it == 0, met, first), possible
+        return it + 1, sup, fixed, (fl, gl), met, jnp.where(it == 0, met, kept), possible
 
     no = jnp.asarray(False)
-    _, found, _, start, met, first, _ = jax.lax.while_loop(
+    _, found, _, start, met, kept, _ = jax.lax.while_loop(
         cond, body, (jnp.asarray(0), support, jnp.zeros(support.shape, bool), (f, g), no, no,
                      jnp.asarray(True))
     )
-    return found, start, met, first
+    return found, start, met, kept
 
 
 def _unit_capacities(p: Problem):
@@ -1543,10 +1544,13 @@ def _dual_and_support(problem: Problem, init, *, start_from, method, formulation
     ``init`` (``start_from="zeros"`` or ``"given"``) or from the entropic start
     (``"entropic"``); from a start other than zeros, once more from zero potentials
     where that run fails: phase 1 does not end ``SUCCESS``, or the dual's own support
-    admits no plan that meets the marginals (the first support of `_feasible_support`
+    admits no plan that meets the marginals (`_feasible_support`'s first support
     fails) and no auction certified another. At ties the path decides which optimal
     dual point phase 1 ends on, and so whether its support is feasible; where the warm
-    run fails, the answer is the cold start's.
+    run fails, the answer is the cold start's, unless only the warm run's support
+    search found a support that admits a plan (until 2026-12-03 the cold run replaced
+    it even then, and its own search could fail: the 45 x 60, k = 2 sweep problem with
+    generic weights ended ``MAX_ITER``, now ``SUCCESS``).
 
     Returns ``(f, g, status, n_iter, the top-k support at (f, g), phase 2's support,
     its start, the auction's dual point, whether the auction ran)``; ``n_iter``
@@ -1559,28 +1563,34 @@ def _dual_and_support(problem: Problem, init, *, start_from, method, formulation
         )
         f, g = problem.gauge(f, g)
         top = problem.topk(f, g)  # one top-k pass serves the dual value and phase 2
-        support, begin, dual, auctioned, ok = _feasible_support(
+        support, begin, dual, auctioned, kept, found = _feasible_support(
             problem, f, g, top, tol, status == Status.SUCCESS
         )
-        good = auctioned | (ok & (status == Status.SUCCESS))
-        return (f, g, status, it, top, support, begin, dual, auctioned), good
+        converged = status == Status.SUCCESS
+        out = (f, g, status, it, top, support, begin, dual, auctioned)
+        return out, auctioned | (kept & converged), auctioned | (found & converged)
 
     if start_from == "zeros":
         return attempt(init)[0]
     first = _entropic_start(problem) if start_from == "entropic" else init
 
     def body(c):
-        tries, out, _ = c
+        tries, out, _, good = c
         x0 = jax.tree.map(lambda w, z: jnp.where(tries == 0, w, jnp.zeros_like(z)), first, init)
-        new, ok = attempt(x0)
-        return tries + 1, new[:3] + (new[3] + out[3],) + new[4:], ok  # n_iter: both runs
+        new, kept, found = attempt(x0)
+        total = new[3] + out[3]  # n_iter: both runs (``out`` is blank before the first)
+        # the cold run replaces the warm one unless only the warm one found a support
+        stay = (tries == 1) & good & ~found
+        new = jax.tree.map(lambda o, w: jnp.where(stay, o, w), out, new)
+        return tries + 1, new[:3] + (total,) + new[4:], kept, good | found
 
     # (a given start of zeros is the cold start: no second run)
     warm = jnp.any(first[0] != 0) | jnp.any(first[1] != 0)
     blank = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: attempt(init))[0])
-    _, out, _ = jax.lax.while_loop(
+    no = jnp.asarray(False)
+    _, out, _, _ = jax.lax.while_loop(
         lambda c: (c[0] == 0) | ((c[0] == 1) & ~c[2] & warm), body,
-        (jnp.asarray(0), blank, jnp.asarray(False)),
+        (jnp.asarray(0), blank, no, no),
     )
     return out
 

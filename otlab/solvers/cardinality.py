@@ -33,8 +33,8 @@ method (Lorenz, Manns & Meyer, "Quadratically regularized optimal transport", 20
 on the current support the dual is quadratic with Hessian ``-(1/gamma) [[diag(M 1),
 M], [M^T, diag(M^T 1)]]``; it runs along a continuation in ``gamma`` and first with
 ``4k + 1`` entries per line, by default from the potentials of entropic OT at
-``gamma / 2`` (``init="entropic"``, with a rerun from zero where that run's support
-admits no feasible plan). ``method="lbfgs"`` maximises either formulation by
+``gamma / 2`` (``init="entropic"``, with a rerun from zero where that run's top-``k``
+support admits no feasible plan). ``method="lbfgs"`` maximises either formulation by
 optax's L-BFGS with its zoom line search. Both run in ``lax.while_loop`` under
 ``jax.jit``. The top-``k`` selection is a geometry
 primitive (`otlab.Geometry.topk`): dense, or online with a running top-``k`` per
@@ -1742,7 +1742,8 @@ def cardinality_constrained(
             any start but zeros, where that run fails (typically: the dual's optimum
             lies on ties and its support admits no plan that meets the marginals; the
             path through the ties decides the support), the solve runs once more from
-            zero and returns that run's answer; ``n_iter`` counts both runs.
+            zero and returns that run's answer, unless only the first run's support
+            search found a support that admits a plan; ``n_iter`` counts both runs.
         implicit_diff: options of the implicit backward pass (`otlab.ImplicitDiff`).
 
     Returns:
